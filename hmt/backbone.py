@@ -112,6 +112,33 @@ def _convert_embedded(name: str) -> Path:
     return target
 
 
+TINY_RANDOM = "tiny-random"
+
+
+def tiny_random_backbone(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A 2-layer, width-64 random Llama with the embedded SmolLM2 tokenizer: for tests and smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = load_backbone(DEFAULT_BACKBONE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    return model, tokenizer
+
+
 def resolve_backbone_path(name_or_path: str) -> str:
     """Map an embedded short name to its converted folder; return anything else unchanged."""
     key = name_or_path.lower()
@@ -130,7 +157,8 @@ def load_backbone(
 
     Args:
         name_or_path: ``"smollm2-135m-instruct"`` (the embedded default, works offline), a Hugging Face
-            hub id, or a local folder with ``config.json``.
+            hub id, a local folder with ``config.json``, or ``"tiny-random"`` (a 2-layer random model
+            with the SmolLM2 tokenizer, for tests and smoke runs).
         dtype: weights dtype ("float32", "bfloat16", ...). Weights are loaded in float32, then cast.
         device: where to put the model; None leaves it on the CPU.
 
@@ -138,6 +166,11 @@ def load_backbone(
         ``(model, tokenizer)``; the model is in eval mode and records its origin in
         ``model.config.hmt_backbone_name``.
     """
+    if name_or_path == TINY_RANDOM:
+        model, tokenizer = tiny_random_backbone()
+        model = model.to(dtype=resolve_dtype(dtype), device=device).eval()
+        model.config.hmt_backbone_name = TINY_RANDOM
+        return model, tokenizer
     path = resolve_backbone_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

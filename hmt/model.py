@@ -616,6 +616,7 @@ class HMTModel(nn.Module):
         *,
         dtype: str | torch.dtype | None = "float32",
         device: str | torch.device | None = None,
+        merge_adapter: bool = True,
         **config_overrides: object,
     ) -> HMTModel:
         """Load a checkpoint written by ``save_pretrained``.
@@ -625,12 +626,14 @@ class HMTModel(nn.Module):
             backbone: the backbone to wrap; None loads the one named in the checkpoint (and sets
                 ``model.tokenizer``).
             dtype, device: used when the backbone is loaded here.
+            merge_adapter: fold LoRA adapters into the backbone weights (fast inference); False keeps
+                them separate and trainable (resuming training).
             config_overrides: HMTConfig fields to change at load time (e.g. ``num_cached``).
 
         Raises:
             ValueError: the checkpoint was made for a backbone of another width.
         """
-        from .backbone import load_backbone, resolve_dtype
+        from .backbone import load_backbone
 
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
@@ -652,11 +655,12 @@ class HMTModel(nn.Module):
         if meta.get("has_adapter") and (path / "adapter").is_dir() and not hasattr(backbone, "peft_config"):
             from peft import PeftModel
 
-            backbone = PeftModel.from_pretrained(backbone, str(path / "adapter"))
+            backbone = PeftModel.from_pretrained(backbone, str(path / "adapter"), is_trainable=not merge_adapter)
+            if merge_adapter:
+                # Folding LoRA into the weights makes inference as fast as the plain backbone.
+                backbone = backbone.merge_and_unload()
         model = cls(backbone, config)
-        model.load_hmt_state_dict(load_file(str(path / WEIGHTS_NAME)))
-        if dtype is not None and tokenizer is None:
-            model.to(dtype=resolve_dtype(dtype))
+        model.load_hmt_state_dict(load_file(str(path / WEIGHTS_NAME)))  # cast to the backbone's dtype
         model.tokenizer = tokenizer
         return model
 

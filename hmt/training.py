@@ -185,8 +185,11 @@ def train(
     start_step = 0
     if cfg.resume and (ckpt / "trainer_state.json").is_file():
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        loaded = HMTModel.from_pretrained(ckpt, backbone=model.backbone)
-        model.load_hmt_state_dict(loaded.hmt_state_dict())
+        model.load_hmt_state_dict(load_file(str(ckpt / "hmt.safetensors")))
+        if (ckpt / "adapter" / "adapter_model.safetensors").is_file() and hasattr(model.backbone, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model.backbone, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
         start_step = state["step"]
         for _ in range(start_step):

@@ -29,6 +29,7 @@ __all__ = [
     "build_index",
     "knn",
     "recall_at_k",
+    "fsync_path",
     "write_index_file",
     "read_index_file",
 ]
@@ -161,7 +162,7 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     return total / a.shape[0]
 
 
-def _fsync_path(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+def fsync_path(path: str | os.PathLike[str], *, directory: bool = False) -> None:
     """Flush a file (or directory entry table) to disk; a no-op where the OS does not allow it."""
     flags = os.O_RDONLY
     if directory and hasattr(os, "O_DIRECTORY"):
@@ -192,10 +193,10 @@ def write_index_file(index: faiss.Index, path: str | os.PathLike[str], *, atomic
     target = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") if atomic else path
     try:
         faiss.write_index(index, str(target))
-        _fsync_path(target)
+        fsync_path(target)
         if atomic:
             os.replace(target, path)
-            _fsync_path(path.parent, directory=True)
+            fsync_path(path.parent, directory=True)
     except BaseException:
         if atomic:
             target.unlink(missing_ok=True)

@@ -1,0 +1,118 @@
+"""``hmtqa``: the command line. Each subcommand has --help; most have --json."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+logger = logging.getLogger("hmtqa")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per dataclass field, typed from its annotation, defaulting to the field default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(
+                flag,
+                type=base if base in (int, float, str) else str,
+                default=default,
+                help=f"default: {default}" + (" (optional)" if optional else ""),
+            )
+
+
+def dataclass_from_args(cls: type, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def emit(data: dict | list, as_json: bool, text: Callable[[], str]) -> None:
+    """Print JSON for machines or text for people."""
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(text() + "\n")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .recipe import Recipe, run
+
+    recipe = dataclass_from_args(Recipe, ns)
+    result = run(recipe, progress=not ns.json)
+    emit(
+        result,
+        ns.json,
+        lambda: (
+            f"trained in {result['wall_s'] / 60:.1f} min; final stage-2 loss {result['stage2'].get('loss', float('nan')):.3f}; "
+            f"checkpoint: {recipe.out}/final"
+        ),
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hmtqa", description="Question answering over long biomedical documents with HMT memory."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from .recipe import Recipe
+
+    p = sub.add_parser("train", help="stage 1 + stage 2 HMT training (torchrun for many processes)")
+    add_dataclass_args(p, Recipe)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands defined in their own modules (kept out of this file so each stays small)."""
+    registers = []
+    for module_name in ("qa_pipeline.cli_qa", "qa_pipeline.cli_eval", "qa_pipeline.cli_serve"):
+        try:
+            module: types.ModuleType = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        registers.append(module.register)
+    return registers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except CLIError as err:
+        sys.stderr.write(f"hmtqa {ns.command}: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
