@@ -5,21 +5,27 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 
-def question_text(question: str, options: list[str] | None = None) -> str:
-    """The user's turn: the question, plus the allowed answers for a closed question."""
+def question_text(question: str, options: list[str] | None = None, context: str | None = None) -> str:
+    """The user's turn: optional context passages, the question, the allowed answers if closed."""
     question = question.strip()
+    head = f"Context:\n{context.strip()}\n\nQuestion: " if context else ""
     if options:
-        return f"{question}\nAnswer with one of: {', '.join(options)}."
-    return f"{question}\nAnswer briefly from the document."
+        return f"{head}{question}\nAnswer with one of: {', '.join(options)}."
+    return f"{head}{question}\nAnswer briefly from the document."
 
 
-def question_prompt(tokenizer: PreTrainedTokenizerBase, question: str, options: list[str] | None = None) -> str:
+def question_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    options: list[str] | None = None,
+    context: str | None = None,
+) -> str:
     """Prompt text that opens the question segment; the answer follows it directly.
 
     Instruction-tuned backbones get their chat template (so answers stay fluent); plain LMs get
     a ``Question: ... Answer:`` frame.
     """
-    user = question_text(question, options)
+    user = question_text(question, options, context)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True

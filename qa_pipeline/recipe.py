@@ -41,6 +41,7 @@ class Recipe:
     bf16: bool = True
     recall_loss_weight: float = 0.5
     seed: int = 0
+    save_every: int = 20  # checkpoint every so many steps; a rerun resumes from it
 
 
 def run(recipe: Recipe, *, progress: bool = True) -> dict:
@@ -69,6 +70,7 @@ def run(recipe: Recipe, *, progress: bool = True) -> dict:
         trainable=recipe.trainable,
         bf16=recipe.bf16,
         seed=recipe.seed,
+        save_every=recipe.save_every,
     )
     s1 = TrainConfig(stage=1, steps=recipe.stage1_steps, out_dir=str(out / "stage1-run"), **common)
     summary1 = train(model, stage1_data, s1, progress=progress)

@@ -98,6 +98,7 @@ STATE_PREFIX = "state."
 DEFAULT_INDEXED = ("recall_key", "summary")
 BUSY_TIMEOUT_S = 30.0
 _MAX_LISTED_IDS = 10
+_MAX_FOLLOW = 20  # replaces of one document a single read may follow
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 _SCHEMA = """
@@ -656,6 +657,10 @@ class MemoryStore:
                 f"memory store at {self._root} was opened without a model fingerprint; it is read-only "
                 "(open it with the fingerprint of the model that writes memories)"
             )
+        if not replace and doc_id in self:  # cheap early answer; re-checked under the write lock
+            raise DocumentExists(
+                f"document {doc_id!r} is already in the store; pass replace=True to overwrite it"
+            )
         segs = [_coerce_segment(s, doc_id, i) for i, s in enumerate(segments)]
         for s in segs:
             if s.char_end > len(text):
@@ -736,10 +741,13 @@ class MemoryStore:
         """Write a document's catalogue rows (runs inside the caller's transaction)."""
         if replacing:
             conn.execute("DELETE FROM segments WHERE doc_id = ?", (info.doc_id,))
-            conn.execute("DELETE FROM documents WHERE doc_id = ?", (info.doc_id,))
+        # Upsert rather than delete + insert: a replaced document keeps its place in the listing.
         conn.execute(
             "INSERT INTO documents (doc_id, title, source, text, metadata, n_tokens, n_segments, created_at, dir, indexes)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (doc_id) DO UPDATE SET title = excluded.title,"
+            " source = excluded.source, text = excluded.text, metadata = excluded.metadata,"
+            " n_tokens = excluded.n_tokens, n_segments = excluded.n_segments, created_at = excluded.created_at,"
+            " dir = excluded.dir, indexes = excluded.indexes",
             (
                 info.doc_id,
                 info.title,
@@ -856,18 +864,25 @@ class MemoryStore:
         return UnknownDocument(f"unknown document id {doc_id!r}; known: {shown}{more}")
 
     def _with_files(self, doc_id: str, fn: Callable[[_DocRow], _T], row: _DocRow | None = None) -> _T:
-        """Run ``fn(row)``; if the folder vanished (replaced/deleted by another process), retry once."""
+        """Run ``fn(row)``, following the row if another process replaces the document meanwhile.
+
+        A writer removes the old folder right after committing a replace, so a reader that looked
+        the row up just before can find the files gone; it then re-reads the row and tries again.
+        Once a file is open, its removal no longer matters (POSIX keeps unlinked open files).
+        """
         row = row or self._row(doc_id)
-        try:
-            return fn(row)
-        except FileNotFoundError:
-            fresh = self._row(doc_id)
-            if fresh.dir == row.dir:
-                raise StoreError(
-                    f"files of document {doc_id!r} are missing from {self._root / DOCS_DIR / row.dir}; "
-                    "delete it and ingest it again"
-                ) from None
-            return fn(fresh)
+        for _ in range(_MAX_FOLLOW):
+            try:
+                return fn(row)
+            except FileNotFoundError:
+                fresh = self._row(doc_id)  # UnknownDocument if it was deleted meanwhile
+                if fresh.dir == row.dir:
+                    raise StoreError(
+                        f"files of document {doc_id!r} are missing from {self._root / DOCS_DIR / row.dir}; "
+                        "delete it and ingest it again"
+                    ) from None
+                row = fresh
+        raise StoreError(f"document {doc_id!r} is being replaced too often to read; try again")
 
     def __contains__(self, doc_id: object) -> bool:
         return isinstance(doc_id, str) and self._find_row(doc_id) is not None

@@ -212,4 +212,9 @@ def read_index_file(path: str | os.PathLike[str]) -> faiss.Index:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no FAISS index at {path}")
-    return faiss.read_index(str(path))
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError:
+        if not os.path.isfile(path):  # removed between the check and the read
+            raise FileNotFoundError(f"no FAISS index at {path}") from None
+        raise

@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny models gain nothing from threads, and OpenMP threads spinning against other busy processes
+# slow a 2-core machine down 50-fold. HMTQA_TEST_THREADS raises it for the SmolLM2 tests.
+torch.set_num_threads(int(os.environ.get("HMTQA_TEST_THREADS", "1")))
+
 from tests.tiny import tiny_backbone  # noqa: E402
 
 

@@ -1,0 +1,220 @@
+"""``hmtqa ingest | ask | batch | docs``: the document QA commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cli import CLIError, add_dataclass_args, dataclass_from_args, emit
+from .engine import ANSWER_MODES, EngineConfig
+
+ENGINE_FLAGS = ("backbone", "checkpoint", "dtype", "device", "full_context_tokens", "max_new_tokens")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("model")
+    defaults = EngineConfig()
+    group.add_argument("--backbone", default=defaults.backbone, help="embedded name, hub id or folder")
+    group.add_argument(
+        "--checkpoint", default=defaults.checkpoint,
+        help="HMT checkpoint folder; 'default' = the committed one; 'none' = untrained memory",
+    )
+    group.add_argument("--dtype", default=defaults.dtype, help="bfloat16 (fast on CPU) or float32")
+    group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    group.add_argument("--full-context-tokens", type=int, default=defaults.full_context_tokens,
+                       help="window of mode 'none'")
+    group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+
+
+def _engine(ns: argparse.Namespace):
+    from .engine import Engine
+
+    checkpoint = None if str(ns.checkpoint).lower() == "none" else ns.checkpoint
+    return Engine(
+        EngineConfig(
+            backbone=ns.backbone, checkpoint=checkpoint, dtype=ns.dtype, device=ns.device,
+            full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
+        )
+    )
+
+
+def _store_errors():
+    from .documents import DocumentError
+    from .engine import QAError
+    from .qa_data import QADataError
+    from .store import StoreError
+
+    return (DocumentError, QAError, QADataError, StoreError, FileNotFoundError)
+
+
+def cmd_ingest(ns: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .documents import load_documents
+
+    try:
+        docs = [d for path in ns.files for d in load_documents(path)]  # all files checked before any write
+        engine = _engine(ns)
+        store = engine.open_store(ns.store)
+        results = []
+        for doc in docs:
+            with tqdm(total=1, desc=doc.doc_id, unit="seg", disable=ns.json, file=sys.stderr) as bar:
+
+                def progress(done: int, total: int, tps: float, bar=bar) -> None:
+                    bar.total = total
+                    bar.n = done
+                    bar.set_postfix(tok_s=f"{tps:.0f}")
+                    bar.refresh()
+
+                info, timing = engine.ingest(store, doc, replace=ns.replace, progress=progress)
+            results.append({"doc_id": info.doc_id, "title": info.title, "tokens": info.n_tokens,
+                            "segments": info.n_segments, **{k: round(v, 3) for k, v in timing.items()}})
+    except _store_errors() as err:
+        raise CLIError(str(err)) from err
+    emit(results, ns.json, lambda: "\n".join(
+        f"ingested {r['doc_id']}: {r['tokens']} tokens, {r['segments']} segments, "
+        f"{r['tokens_per_s']:.0f} tokens/s" for r in results))
+    return 0
+
+
+def cmd_ask(ns: argparse.Namespace) -> int:
+    options = [o.strip() for o in ns.options.split(",")] if ns.options else None
+    try:
+        engine = _engine(ns)
+        store = engine.open_store(ns.store)
+        stream = None
+        if not ns.json and not options and sys.stdout.isatty():
+            def stream(text: str) -> None:
+                sys.stdout.write("\r" + text)
+                sys.stdout.flush()
+        ans = engine.ask(store, ns.doc, ns.question, mode=ns.mode, options=options, on_token=stream)
+    except _store_errors() as err:
+        raise CLIError(str(err)) from err
+    if stream is not None:
+        sys.stdout.write("\n")
+
+    def text() -> str:
+        lines = [f"Answer ({ans.mode}): {ans.answer}"]
+        if ans.option_scores:
+            lines.append("Option log-likelihoods: " + ", ".join(f"{o}={s:.2f}" for o, s in ans.option_scores.items()))
+        lines.append("Evidence:")
+        for e in ans.evidence:
+            snippet = " ".join(e.snippet.split())[:160]
+            lines.append(f"  [seg {e.segment}] chars {e.char_start}-{e.char_end} weight {e.weight:.3f}: {snippet}")
+        t = ans.timings
+        lines.append(f"Time: recall {t['recall_s']:.2f}s, first token {t['first_token_s']:.2f}s, total {t['total_s']:.2f}s")
+        return "\n".join(lines)
+
+    emit(ans.to_json(), ns.json, text)
+    return 0
+
+
+def cmd_batch(ns: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from hmt.training import init_distributed
+
+    from .batch import run_batch
+    from .qa_data import load_batch_data
+
+    modes = tuple(m.strip() for m in ns.modes.split(","))
+    bad = [m for m in modes if m not in ANSWER_MODES]
+    if bad:
+        raise CLIError(f"unknown mode(s) {bad}; choose from {', '.join(ANSWER_MODES)}")
+    errors: list[str] = []
+    try:
+        init_distributed()
+        rows = []
+        for spec in ns.data:
+            rows += load_batch_data(spec, limit=ns.limit, fuse=ns.fuse, seed=ns.seed)
+        engine = _engine(ns)
+        store_dir = ns.store or str(Path(ns.out).with_suffix("")) + "-store"
+        store = engine.open_store(store_dir)
+        with tqdm(total=len(rows) * len(modes), desc="batch", unit="answer", disable=ns.json, file=sys.stderr) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            metrics = run_batch(engine, rows, ns.out, store, modes=modes, progress=progress)
+    except _store_errors() as err:
+        raise CLIError(str(err)) from err
+    emit({"metrics": metrics, "errors": errors, "out": ns.out}, ns.json, lambda: format_metrics(metrics))
+    return 0
+
+
+def format_metrics(metrics: dict) -> str:
+    """A side-by-side table of the per-mode metrics."""
+    cols = ["n", "accuracy", "macro_f1", "exact_match", "token_f1", "hit@1", "hit@5", "latency_p50_s"]
+    lines = ["mode            " + "".join(f"{c:>14}" for c in cols)]
+    for mode, m in metrics.items():
+        cells = []
+        for c in cols:
+            v = m.get(c)
+            cells.append(f"{'-':>14}" if v is None else f"{v:>14.3f}" if isinstance(v, float) else f"{v:>14}")
+        lines.append(f"{mode:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_docs(ns: argparse.Namespace) -> int:
+    from .store import MemoryStore, StoreError
+
+    try:
+        store = MemoryStore.open(ns.store, create=False)
+        if ns.action == "delete":
+            if not ns.ids:
+                raise CLIError("docs delete needs one or more document ids")
+            for doc_id in ns.ids:
+                store.delete_document(doc_id)
+            emit({"deleted": ns.ids}, ns.json, lambda: f"deleted {', '.join(ns.ids)}")
+            return 0
+        docs = store.list_documents()
+    except StoreError as err:
+        raise CLIError(str(err)) from err
+    emit([d.__dict__ for d in docs], ns.json, lambda: "\n".join(
+        f"{d.doc_id}\t{d.n_tokens} tokens\t{d.n_segments} segments\t{d.title[:60]}" for d in docs) or "(no documents)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="read documents through HMT into a memory store")
+    p.add_argument("files", nargs="+", help=".txt .md .pdf .nxml/.xml (PMC JATS) .json (PubMedQA) .jsonl")
+    p.add_argument("--store", required=True, help="memory store folder (created if missing)")
+    p.add_argument("--replace", action="store_true", help="replace documents with the same id")
+    p.add_argument("--json", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("ask", help="answer a question about an ingested document, with evidence")
+    p.add_argument("question")
+    p.add_argument("--store", required=True)
+    p.add_argument("--doc", required=True, help="document id (see `hmtqa docs list`)")
+    p.add_argument("--mode", default="hmt", choices=ANSWER_MODES)
+    p.add_argument("--options", help="comma-separated options of a closed question, e.g. yes,no,maybe")
+    p.add_argument("--json", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("batch", help="answer many questions; JSONL out; metrics at the end")
+    p.add_argument("data", nargs="+", help="rows.jsonl, pubmedqa:PATH, covidqa:PATH, evidence-inference:DIR")
+    p.add_argument("--out", required=True, help="results JSONL (appended; finished rows are skipped)")
+    p.add_argument("--store", help="memory store folder (default: OUT without suffix + '-store')")
+    p.add_argument("--modes", default="hmt", help=f"comma-separated, from {', '.join(ANSWER_MODES)}")
+    p.add_argument("--limit", type=int, help="rows per data set")
+    p.add_argument("--fuse", type=int, default=8, help="abstracts per fused PubMedQA document")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("docs", help="list or delete documents in a store")
+    p.add_argument("action", choices=["list", "delete"])
+    p.add_argument("ids", nargs="*")
+    p.add_argument("--store", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_docs)
+
+
+__all__ = ["register", "dataclass_from_args", "add_dataclass_args", "json"]

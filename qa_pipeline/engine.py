@@ -1,0 +1,424 @@
+"""The QA engine: one loaded HMT model that ingests documents into a store and answers questions.
+
+Everything user-facing (CLI, batch, web app) goes through :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hmt import DEFAULT_BACKBONE, HMTConfig, HMTModel, load_backbone, resolve_dtype
+
+from .documents import Document
+from .prompts import option_text, question_prompt
+from .store import DocumentInfo, MemoryStore, SegmentInfo
+
+logger = logging.getLogger(__name__)
+
+ANSWER_MODES = ("hmt", "hmt+retrieval", "dense-rag", "none")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-hmt"
+
+ProgressFn = Callable[[int, int, float], None]  # (segments done, segments total, tokens/s)
+
+
+class QAError(ValueError):
+    """Bad input to the engine (empty question, too long, unknown mode...)."""
+
+
+@dataclass
+class EngineConfig:
+    """How the pipeline loads its model and answers; CLI flags and app settings map onto it."""
+
+    backbone: str = DEFAULT_BACKBONE
+    # HMT checkpoint folder; "default" = the committed checkpoint for the default backbone (if any);
+    # None = untrained HMT parameters (initialised from ``seed``).
+    checkpoint: str | None = "default"
+    dtype: str = "bfloat16"
+    device: str | None = None
+    segment_length: int = 256  # used without a checkpoint (a checkpoint brings its own)
+    sensory_length: int = 32
+    num_cached: int = 300
+    seed: int = 0
+    block_segments: int = 16  # segments fed to the model per streaming step while ingesting
+    evidence_k: int = 5  # evidence segments returned with an answer
+    retrieval_segments: int = 3  # raw segments put into the prompt in mode hmt+retrieval
+    dense_k: int = 4  # chunks put into the prompt in mode dense-rag
+    dense_chunk_chars: int = 800
+    dense_model: str = "all-minilm-l6-v2"
+    # Mode "none": the backbone reads the document truncated to this many tokens. SmolLM2 allows 8192;
+    # the default keeps CPU latency sane.
+    full_context_tokens: int = 2048
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Evidence:
+    segment: int  # segment index (chunk index in dense-rag; -1 for the truncated window in none)
+    char_start: int
+    char_end: int
+    weight: float  # recall weight (hmt modes) or cosine similarity (dense-rag)
+    snippet: str
+
+
+@dataclass
+class Answer:
+    doc_id: str
+    question: str
+    mode: str
+    answer: str
+    options: list[str] | None
+    option_scores: dict[str, float] | None
+    evidence: list[Evidence]
+    recall: list[tuple[int, float]]  # (segment, weight) for every recalled segment, by segment
+    timings: dict[str, float]
+    query: list[float] | None = field(default=None, repr=False)  # S_q W_q, for plots
+
+    def to_json(self, with_query: bool = False) -> dict:
+        data = asdict(self)
+        if not with_query:
+            data.pop("query")
+        return data
+
+
+class Engine:
+    """Loads the model once; ingests documents into stores; answers in four modes."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model, self.tokenizer, self.checkpoint_id = self._load_model()
+        self.model.eval()
+        cfg = self.config
+        # Modes dense-rag and none use the plain backbone: one segment as wide as the window.
+        self.plain = HMTModel(
+            self.model.backbone,
+            HMTConfig(segment_length=cfg.full_context_tokens, sensory_length=0, mode="none", backbone=cfg.backbone),
+        ).eval()
+        self._dense = None
+        self._dense_indexes: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._doc_arrays: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ model
+    def _load_model(self) -> tuple[HMTModel, object, str]:
+        cfg = self.config
+        checkpoint = cfg.checkpoint
+        if checkpoint == "default":
+            checkpoint = str(DEFAULT_CHECKPOINT) if cfg.backbone == DEFAULT_BACKBONE and DEFAULT_CHECKPOINT.is_dir() else None
+        backbone, tokenizer = load_backbone(cfg.backbone, dtype="float32", device=cfg.device)
+        if checkpoint:
+            model = HMTModel.from_pretrained(checkpoint, backbone=backbone)
+            digest = hashlib.sha256((Path(checkpoint) / "hmt.safetensors").read_bytes()).hexdigest()[:16]
+            checkpoint_id = f"sha256:{digest}"
+        else:
+            # Seeded so that every process builds the same untrained memory parameters.
+            rng = torch.random.get_rng_state()
+            torch.manual_seed(cfg.seed)
+            model = HMTModel(
+                backbone,
+                HMTConfig(
+                    segment_length=cfg.segment_length,
+                    sensory_length=cfg.sensory_length,
+                    num_cached=cfg.num_cached,
+                    backbone=cfg.backbone,
+                ),
+            )
+            torch.random.set_rng_state(rng)
+            checkpoint_id = f"untrained-seed{cfg.seed}"
+        model.to(dtype=resolve_dtype(cfg.dtype))
+        return model, tokenizer, checkpoint_id
+
+    @property
+    def fingerprint(self) -> dict:
+        """What a store records about the model that wrote it; a different one is refused."""
+        m = self.model
+        return {
+            "backbone": self.config.backbone,
+            "hmt_checkpoint": self.checkpoint_id,
+            "hidden_size": m.hidden_size,
+            "recall_dim": m.recall_dim,
+            "segment_length": m.config.segment_length,
+            "sensory_length": m.config.sensory_length,
+            "dtype": str(m.dtype).replace("torch.", ""),
+        }
+
+    def open_store(self, path: str | Path) -> MemoryStore:
+        return MemoryStore.open(path, fingerprint=self.fingerprint)
+
+    # ------------------------------------------------------------------ ingestion
+    def ingest(
+        self,
+        store: MemoryStore,
+        document: Document,
+        *,
+        replace: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> tuple[DocumentInfo, dict]:
+        """Read a document segment by segment through HMT and save its memories in ``store``.
+
+        Returns the stored document's info and timings (seconds, tokens/s). Memory stays bounded:
+        the model holds at most N memories; per-segment vectors go to small numpy arrays.
+        """
+        if not document.text.strip():
+            raise QAError(f"document {document.doc_id!r} is empty")
+        start = time.perf_counter()
+        enc = self.tokenizer(document.text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([enc.input_ids], dtype=torch.long, device=self.model.device)
+        offsets = enc.offset_mapping
+        n_tokens = ids.shape[1]
+        if n_tokens == 0:
+            raise QAError(f"document {document.doc_id!r} has no tokens")
+        L = self.model.config.segment_length
+        total = math.ceil(n_tokens / L)
+        block = self.config.block_segments * L
+        summaries, memories, keys, segments = [], [], [], []
+        state = self.model.init_memory(1)
+        tokenize_s = time.perf_counter() - start
+        with torch.inference_mode():
+            for pos in range(0, n_tokens, block):
+                records, state = self.model.read_segments(ids[:, pos : pos + block], state)
+                for r in records:
+                    summaries.append(r.summary[0].float().cpu().numpy())
+                    memories.append(r.memory[0].float().cpu().numpy())
+                    keys.append(r.recall_key[0].float().cpu().numpy())
+                    segments.append(
+                        SegmentInfo(
+                            document.doc_id, r.index, r.token_start, r.token_end,
+                            offsets[r.token_start][0], offsets[r.token_end - 1][1],
+                        )
+                    )
+                if progress is not None:
+                    elapsed = time.perf_counter() - start
+                    progress(len(segments), total, min(pos + block, n_tokens) / max(elapsed, 1e-9))
+        read_s = time.perf_counter() - start - tokenize_s
+        k = self.model.config.sensory_length
+        metadata = dict(document.metadata)
+        metadata["sections"] = [asdict(s) for s in document.sections]
+        info = store.add_document(
+            document.doc_id,
+            title=document.title,
+            source=document.source,
+            text=document.text,
+            metadata=metadata,
+            segments=segments,
+            arrays={
+                "summary": np.stack(summaries),
+                "memory": np.stack(memories),
+                "recall_key": np.stack(keys),
+                "state.sensory_ids": np.asarray(enc.input_ids[-k:] if k else [], dtype=np.int64),
+            },
+            replace=replace,
+            n_tokens=n_tokens,
+        )
+        self._doc_arrays.pop((str(store.root), document.doc_id), None)
+        self._dense_indexes.pop((str(store.root), document.doc_id), None)
+        total_s = time.perf_counter() - start
+        return info, {
+            "tokenize_s": tokenize_s,
+            "read_s": read_s,
+            "total_s": total_s,
+            "tokens": n_tokens,
+            "segments": len(segments),
+            "tokens_per_s": n_tokens / max(read_s, 1e-9),
+        }
+
+    # ------------------------------------------------------------------ answering
+    def _arrays(self, store: MemoryStore, doc_id: str) -> dict:
+        key = (str(store.root), doc_id)
+        with self._lock:
+            if key not in self._doc_arrays:
+                self._doc_arrays[key] = store.arrays(doc_id, ["memory", "recall_key", "state.sensory_ids"])
+                while len(self._doc_arrays) > 8:
+                    self._doc_arrays.popitem(last=False)
+            self._doc_arrays.move_to_end(key)
+            return self._doc_arrays[key]
+
+    def _encode(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return torch.tensor([ids], dtype=torch.long, device=self.model.device)
+
+    def _memory_for(self, store: MemoryStore, doc_id: str, question_ids: torch.Tensor):
+        """Rebuild the document's memory for this question: FAISS top-N recall keys + sensory tokens.
+
+        With N >= the document's segments this is exactly the cache HMT held after reading it; past
+        N, FAISS picks the N memories the question scores highest, so recall is not capped at N.
+        """
+        model = self.model
+        arrays = self._arrays(store, doc_id)
+        n = arrays["memory"].shape[0]
+        with torch.inference_mode():
+            summary = model.summarize(question_ids)[:, 0]
+            query = model.recall.queries(summary)[0].float().cpu().numpy()
+        if n > model.config.num_cached:
+            hits = store.search(query, index="recall_key", doc_id=doc_id, k=model.config.num_cached)
+            chosen = np.sort(np.array([idx for _, idx, _ in hits], dtype=np.int64))
+        else:
+            chosen = np.arange(n)
+        state = model.memory_from_cache(
+            torch.from_numpy(arrays["memory"][chosen])[None],
+            torch.from_numpy(chosen)[None],
+            torch.from_numpy(arrays["recall_key"][chosen])[None],
+        )
+        sensory = torch.from_numpy(arrays["state.sensory_ids"]).to(model.device)[None]
+        if sensory.numel():
+            state.sensory_ids, state.sensory_mask = sensory, torch.ones_like(sensory)
+        state.segments_seen = n
+        _, weights, seg_ids = model.query_recall(question_ids, state)
+        recall = sorted(zip(seg_ids[0].tolist(), weights[0].tolist(), strict=True))
+        return state, recall, query.tolist()
+
+    def ask(
+        self,
+        store: MemoryStore,
+        doc_id: str,
+        question: str,
+        *,
+        mode: str = "hmt",
+        options: list[str] | None = None,
+        max_new_tokens: int | None = None,
+        on_token: Callable[[str], None] | None = None,
+        record: bool = True,
+    ) -> Answer:
+        """Answer ``question`` about document ``doc_id``.
+
+        Args:
+            mode: "hmt" (memory only), "hmt+retrieval" (memory + raw text of the top recalled
+                segments), "dense-rag" (MiniLM top-k chunks, plain backbone), "none" (plain backbone
+                on the document truncated to ``full_context_tokens``).
+            options: for closed questions; each option is scored by likelihood, the best is the answer.
+            on_token: called with the text decoded so far after each generated token (streaming).
+            record: save the answer in the store.
+        """
+        if mode not in ANSWER_MODES:
+            raise QAError(f"unknown mode {mode!r}; choose one of {', '.join(ANSWER_MODES)}")
+        question = (question or "").strip()
+        if not question:
+            raise QAError("the question is empty")
+        options = [o.strip() for o in options if o and o.strip()] if options else None
+        plain_prompt = question_prompt(self.tokenizer, question, options)
+        question_ids = self._encode(plain_prompt)
+        L = self.model.config.segment_length
+        if question_ids.shape[1] > L:
+            raise QAError(
+                f"the question is {question_ids.shape[1]} tokens with its prompt; the limit is one segment "
+                f"({L} tokens). Shorten it."
+            )
+        info = store.get_document(doc_id)  # raises UnknownDocument with the known ids
+        start = time.perf_counter()
+        text = store.get_text(doc_id)
+        recall, query, state, evidence = [], None, None, []
+        model, prompt_ids = self.model, question_ids
+        if mode in ("hmt", "hmt+retrieval"):
+            state, recall, query = self._memory_for(store, doc_id, question_ids)
+            evidence = self._segment_evidence(store, doc_id, text, recall, self.config.evidence_k)
+            if mode == "hmt+retrieval":
+                context = self._context(text, evidence[: self.config.retrieval_segments])
+                prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, context))
+        elif mode == "dense-rag":
+            model = self.plain
+            evidence = self._dense_evidence(store, doc_id, text, question)
+            context = self._context(text, evidence[: self.config.dense_k])
+            prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, context))
+        else:
+            model = self.plain
+            budget = self.config.full_context_tokens - question_ids.shape[1] - (max_new_tokens or self.config.max_new_tokens) - 16
+            window_end = self._prefix_chars(text, max(budget, 0))
+            evidence = [Evidence(-1, 0, window_end, 1.0, text[:300])]
+            prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, text[:window_end]))
+        recall_s = time.perf_counter() - start
+        answer, scores, first_token_s = self._respond(model, prompt_ids, state, options, max_new_tokens, on_token, start)
+        total_s = time.perf_counter() - start
+        result = Answer(
+            doc_id=info.doc_id,
+            question=question,
+            mode=mode,
+            answer=answer,
+            options=options,
+            option_scores=scores,
+            evidence=evidence,
+            recall=recall,
+            timings={"recall_s": recall_s, "first_token_s": first_token_s, "total_s": total_s},
+            query=query,
+        )
+        if record and store.writable:
+            store.add_answer(doc_id, question, mode, result.to_json())
+        return result
+
+    def _respond(self, model, prompt_ids, state, options, max_new_tokens, on_token, start):
+        """Score the options (closed question) or generate (open question)."""
+        with torch.inference_mode():
+            if options:
+                option_ids = [self._encode(option_text(o, self.tokenizer))[0] for o in options]
+                totals, _ = model.score_options(prompt_ids, option_ids, state)
+                scores = {o: float(s) for o, s in zip(options, totals.tolist(), strict=True)}
+                return max(scores, key=scores.get), scores, time.perf_counter() - start
+            first, new = None, []
+            for step in model.iter_generate(
+                prompt_ids,
+                max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+                memory_state=state,
+                eos_token_id=self.tokenizer.eos_token_id,
+            ):
+                first = first if first is not None else time.perf_counter() - start
+                if int(step[0]) == self.tokenizer.eos_token_id:
+                    break
+                new.append(int(step[0]))
+                if on_token is not None:
+                    on_token(self.tokenizer.decode(new, skip_special_tokens=True))
+            return self.tokenizer.decode(new, skip_special_tokens=True).strip(), None, first or 0.0
+
+    def _segment_evidence(
+        self, store: MemoryStore, doc_id: str, text: str, recall: list[tuple[int, float]], k: int
+    ) -> list[Evidence]:
+        segments = {s.idx: s for s in store.segments(doc_id)}
+        top = sorted(recall, key=lambda r: -r[1])[:k]
+        out = []
+        for idx, weight in top:
+            s = segments[idx]
+            out.append(Evidence(idx, s.char_start, s.char_end, weight, text[s.char_start : s.char_end][:400]))
+        return out
+
+    def _dense_evidence(self, store: MemoryStore, doc_id: str, text: str, question: str) -> list[Evidence]:
+        from .dense import DenseEmbedder, DenseIndex, chunk_text
+
+        with self._lock:
+            if self._dense is None:
+                self._dense = DenseEmbedder(self.config.dense_model)
+            key = (str(store.root), doc_id)
+            index = self._dense_indexes.get(key)
+            if index is None:
+                spans = chunk_text(text, max_chars=self.config.dense_chunk_chars)
+                index = DenseIndex(self._dense)
+                index.add(spans, [text[s:e] for s, e in spans])
+                self._dense_indexes[key] = index
+                while len(self._dense_indexes) > 16:
+                    self._dense_indexes.popitem(last=False)
+        hits = index.search(question, k=max(self.config.dense_k, self.config.evidence_k))
+        return [
+            Evidence(i, int(span[0]), int(span[1]), float(score), text[span[0] : span[1]][:400])
+            for i, (span, score) in enumerate(hits)
+        ]
+
+    @staticmethod
+    def _context(text: str, evidence: list[Evidence]) -> str:
+        """Raw text of the evidence passages, in document order."""
+        ordered = sorted(evidence, key=lambda e: e.char_start)
+        return "\n...\n".join(text[e.char_start : e.char_end].strip() for e in ordered)
+
+    def _prefix_chars(self, text: str, max_tokens: int) -> int:
+        """Characters of ``text`` that fit in ``max_tokens`` tokens."""
+        enc = self.tokenizer(text[: max_tokens * 12], add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc.input_ids) <= max_tokens:
+            return min(len(text), max_tokens * 12) if len(enc.input_ids) else 0
+        return enc.offset_mapping[max_tokens - 1][1] if max_tokens else 0
