@@ -58,6 +58,8 @@ class HMTOutput:
     memory_state: MemoryState | None = None
     records: list[SegmentRecord] = field(default_factory=list)
     num_label_tokens: int = 0
+    # (summed cross-entropy, labelled tokens) per segment: perplexity by position without logits
+    segment_losses: list[tuple[float, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -331,7 +333,7 @@ class HMTModel(nn.Module):
         summaries = self.summarize(input_ids, mask) if cfg.uses_recall else None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         n_label = 0
-        logits, records = [], []
+        logits, records, segment_losses = [], [], []
         for i, start in enumerate(range(0, t, cfg.segment_length)):
             end = min(t, start + cfg.segment_length)
             if cfg.bptt_depth is not None and state.segments_seen % cfg.bptt_depth == 0:
@@ -343,10 +345,13 @@ class HMTModel(nn.Module):
             if labels is not None:
                 target = labels[:, start + 1 : end + 1]
                 picked = target != -100
+                seg_loss = torch.zeros((), device=self.device)
                 if picked.any():
                     scores = self._lm_head(hidden[:, : target.shape[1]][picked])
-                    loss_sum = loss_sum + F.cross_entropy(scores.float(), target[picked], reduction="sum")
+                    seg_loss = F.cross_entropy(scores.float(), target[picked], reduction="sum")
+                    loss_sum = loss_sum + seg_loss
                     n_label += int(picked.sum())
+                segment_losses.append((float(seg_loss.detach()), int(picked.sum())))
             if return_logits:
                 logits.append(self._lm_head(hidden))
             if return_records:
@@ -357,6 +362,7 @@ class HMTModel(nn.Module):
             memory_state=state,
             records=records,
             num_label_tokens=n_label,
+            segment_losses=segment_losses,
         )
 
     def read_segments(

@@ -1,0 +1,99 @@
+"""``hmtqa eval ppl | qa``: the numbers in the model card, from held-out data only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cli import CLIError, emit
+
+
+def _load(ns: argparse.Namespace):
+    from hmt import HMTConfig, HMTModel, load_backbone
+
+    backbone, tokenizer = load_backbone(ns.backbone, dtype=ns.dtype, device=ns.device)
+    if ns.checkpoint and ns.checkpoint.lower() != "none":
+        from .engine import DEFAULT_CHECKPOINT
+
+        path = DEFAULT_CHECKPOINT if ns.checkpoint == "default" else Path(ns.checkpoint)
+        model = HMTModel.from_pretrained(path, backbone=backbone)
+    else:
+        model = HMTModel(backbone, HMTConfig(segment_length=ns.segment_length, sensory_length=32))
+    return model.eval(), tokenizer
+
+
+def cmd_ppl(ns: argparse.Namespace) -> int:
+    from .evaluate import format_ppl, ppl_by_context
+    from .train_data import data_dir, text_splits
+
+    try:
+        root = data_dir(ns.data_dir)
+        model, tokenizer = _load(ns)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    contexts = tuple(int(x) for x in ns.contexts.split(","))
+    modes = tuple(m.strip() for m in ns.modes.split(","))
+    texts = [s.heldout for s in text_splits(root) if not ns.texts or s.name in ns.texts.split(",")]
+    token_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    progress = None if ns.json else (lambda msg: sys.stderr.write(msg + "\n"))
+    result = ppl_by_context(model, token_ids, contexts=contexts, modes=modes, progress=progress)
+    result.update({"checkpoint": ns.checkpoint, "backbone": ns.backbone, "dtype": ns.dtype, "texts": ns.texts or "all"})
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(result, indent=2))
+    emit(result, ns.json, lambda: format_ppl(result))
+    return 0
+
+
+def cmd_qa(ns: argparse.Namespace) -> int:
+    from .batch import run_batch
+    from .cli_qa import _engine, format_metrics
+    from .train_data import data_dir, pubmedqa_split
+
+    try:
+        root = data_dir(ns.data_dir)
+        _, heldout = pubmedqa_split(root, num_docs=ns.fuse, seed=ns.seed)
+        rows = heldout[: ns.limit] if ns.limit else heldout
+        engine = _engine(ns)
+        out = Path(ns.out)
+        store = engine.open_store(ns.store or str(out.with_suffix("")) + "-store")
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    modes = tuple(m.strip() for m in ns.modes.split(","))
+    metrics = run_batch(engine, rows, out, store, modes=modes)
+    emit({"metrics": metrics, "rows": len(rows), "fuse": ns.fuse}, ns.json, lambda: format_metrics(metrics))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .cli_qa import _engine_args
+
+    p = sub.add_parser("eval", help="evaluate on held-out data: perplexity by context, PubMedQA")
+    evsub = p.add_subparsers(dest="what", required=True)
+
+    q = evsub.add_parser("ppl", help="perplexity of the segment after X tokens, per mode (held-out text)")
+    q.add_argument("--data-dir", help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)")
+    q.add_argument("--backbone", default="smollm2-135m-instruct")
+    q.add_argument("--checkpoint", default="default", help="HMT checkpoint folder, 'default' or 'none'")
+    q.add_argument("--segment-length", type=int, default=256, help="only without a checkpoint")
+    q.add_argument("--dtype", default="bfloat16")
+    q.add_argument("--device", default=None)
+    q.add_argument("--contexts", default="2048,4096,8192,16384,32768")
+    q.add_argument("--modes", default="none,window,rmt,hmt,full")
+    q.add_argument("--texts", help="comma-separated subset of wikitext-2,pg19")
+    q.add_argument("--out", help="write the JSON result here too")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_ppl)
+
+    q = evsub.add_parser("qa", help="held-out fused PubMedQA: accuracy, macro-F1, recall hit@1")
+    q.add_argument("--data-dir")
+    q.add_argument("--fuse", type=int, default=8)
+    q.add_argument("--limit", type=int, default=100)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--modes", default="hmt")
+    q.add_argument("--out", required=True, help="results JSONL")
+    q.add_argument("--store")
+    q.add_argument("--json", action="store_true")
+    _engine_args(q)
+    q.set_defaults(func=cmd_qa)
