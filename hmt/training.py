@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,8 +193,10 @@ def train(
             set_peft_model_state_dict(model.backbone, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
         start_step = state["step"]
-        for _ in range(start_step):
-            sched.step()
+        with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_step):
+                sched.step()
         logger.info("resumed from %s at step %d", ckpt, start_step)
     order = list(range(len(samples)))
     random.Random(cfg.seed).shuffle(order)

@@ -57,8 +57,11 @@ class CLIError(Exception):
 def cmd_train(ns: argparse.Namespace) -> int:
     from .recipe import Recipe, run
 
-    recipe = dataclass_from_args(Recipe, ns)
-    result = run(recipe, progress=not ns.json)
+    try:
+        recipe = dataclass_from_args(Recipe, ns)
+        result = run(recipe, progress=not ns.json)
+    except (FileNotFoundError, ValueError) as err:  # missing data or model, bad settings
+        raise CLIError(str(err)) from err
     emit(
         result,
         ns.json,

@@ -1,0 +1,67 @@
+"""`hmtqa train` and `hmtqa eval` end to end on the tiny model and a small synthetic data folder."""
+
+import json
+import random
+
+import pytest
+
+from qa_pipeline.cli import main
+from qa_pipeline.train_data import PUBMEDQA, PUBMEDQA_TRAIN
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rng = random.Random(0)
+    words = "cell dose trial patient risk outcome protein gene therapy cohort blood sample".split()
+
+    def text(n):
+        return "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(n))
+
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw/wiki.test.raw").write_text(text(400))
+    (tmp_path / "pg19").mkdir()
+    (tmp_path / "pg19/pg1342_pride_and_prejudice.txt").write_text(text(400))
+    (tmp_path / "pubmedqa").mkdir()
+    data = {
+        str(1000 + i): {
+            "QUESTION": f"Does {rng.choice(words)} change {rng.choice(words)}?",
+            "CONTEXTS": [text(2), text(2)],
+            "LABELS": ["BACKGROUND", "RESULTS"],
+            "final_decision": rng.choice(["yes", "no", "maybe"]),
+            "LONG_ANSWER": text(1),
+        }
+        for i in range(PUBMEDQA_TRAIN + 5)
+    }
+    (tmp_path / PUBMEDQA).write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_train_then_eval_on_tiny_model(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main([
+        "train", "--backbone", "tiny-random", "--data-dir", str(data_dir), "--out", str(out),
+        "--segment-length", "64", "--sensory-length", "8", "--stage1-steps", "2", "--stage2-steps", "2",
+        "--fuse", "2", "--max-lm-samples", "4", "--max-qa-samples", "4", "--no-bf16", "--json",
+    ])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["stage1"]["step"] == 2 and result["stage2"]["step"] == 2
+    assert (out / "final" / "hmt.safetensors").is_file() and (out / "final" / "adapter").is_dir()
+    assert (out / "stage1" / "config.json").is_file()
+    logs = (out / "stage2-run" / "log.jsonl").read_text().splitlines()
+    assert len(logs) == 2 and "recall_loss" in json.loads(logs[-1])
+
+    rc = main([
+        "eval", "ppl", "--backbone", "tiny-random", "--checkpoint", str(out / "final"), "--data-dir", str(data_dir),
+        "--contexts", "128,256", "--modes", "none,window,rmt,hmt,full", "--dtype", "float32", "--json",
+    ])
+    assert rc == 0
+    table = json.loads(capsys.readouterr().out)["ppl"]
+    assert set(table) == {"none", "window", "rmt", "hmt", "full"}
+    assert all(v is not None and v > 1 for row in table.values() for v in row.values())
+
+
+def test_train_without_data_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", "--backbone", "tiny-random", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert "data folder" in capsys.readouterr().err
