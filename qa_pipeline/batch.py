@@ -1,7 +1,9 @@
 """Batch QA: many rows, several answer modes, JSONL out (resumable), metrics at the end.
 
-Data-parallel under torchrun: rank r answers rows r, r + world, ...; each rank writes its own
-part file and rank 0 merges them into the output once all ranks are done.
+Data-parallel under torchrun: rows are grouped by document and the groups dealt out to the ranks
+(so one document is read by one rank only); each rank writes its own part file and rank 0 merges
+them into the output once all ranks are done. Every rank may share one store folder (the store
+serialises writers with a file lock).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -19,7 +21,7 @@ from .documents import Document
 from .engine import Engine
 from .metrics import summarize
 from .qa_data import QARow
-from .store import MemoryStore, UnknownDocument
+from .store import DocumentExists, MemoryStore, StoreError, UnknownDocument
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +30,129 @@ def _row_doc_id(row: QARow, text: str) -> str:
     return row.doc_id or "doc-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _part_paths(out_path: Path) -> list[Path]:
+    """Per-rank part files next to ``out_path`` (also those a crashed run with more ranks left)."""
+    return sorted(p for p in out_path.parent.glob(f"{out_path.name}.rank*") if p.is_file())
+
+
+def _read_lines(path: Path) -> list[tuple[tuple[str, str] | None, str]]:
+    """(key, line) for every line of a results file; key None for a torn or foreign line."""
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            out.append(((str(rec["row_id"]), str(rec["mode"])), line))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            out.append((None, line))
+    return out
+
+
 def _done_keys(path: Path) -> set[tuple[str, str]]:
     """(row_id, mode) pairs already answered in an earlier run; a torn last line is ignored."""
-    done = set()
+    return {key for key, _ in _read_lines(path) if key is not None}
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a torn last line (a run killed mid-write) so that appended records start on their own line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as fh:
+        fh.seek(-1, 2)
+        if fh.read(1) == b"\n":
+            return
+        data = path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - cut)
+        fh.truncate(cut)
+
+
+def merge_parts(out_path: Path) -> None:
+    """Append the records of every part file to ``out_path`` (each (row, mode) once), then remove them.
+
+    Idempotent: a merge interrupted half-way is completed by the next one without duplicates.
+    """
+    parts = [p for p in _part_paths(out_path) if p != out_path]
+    if not parts:
+        return
+    _repair_tail(out_path)
+    done = _done_keys(out_path)
+    with out_path.open("a", encoding="utf-8") as merged:
+        for p in parts:
+            for key, line in _read_lines(p):
+                if key is not None and key not in done:
+                    merged.write(line + "\n")
+                    done.add(key)
+        merged.flush()
+    for p in parts:
+        p.unlink(missing_ok=True)
+
+
+def _doc_key(row: QARow) -> str:
+    """Rows with the same key are about the same document (without reading document files)."""
+    if row.doc_id:
+        return "id:" + row.doc_id
+    if row.document is not None:
+        return "text:" + hashlib.sha1(row.document.encode("utf-8")).hexdigest()
+    return "path:" + str(row.document_path)
+
+
+def shard_rows(rows: list[QARow], rank: int, world: int) -> list[QARow]:
+    """This rank's rows: documents dealt round-robin in order of first appearance, rows kept in order.
+
+    Ranks get disjoint rows, and every row of one document goes to the same rank, so no document is
+    read twice.
+    """
+    if world <= 1:
+        return list(rows)
+    owner: dict[str, int] = {}
+    for row in rows:
+        owner.setdefault(_doc_key(row), len(owner) % world)
+    return [row for row in rows if owner[_doc_key(row)] == rank]
+
+
+def pending(rows: Iterable[QARow], out_path: str | Path, modes: tuple[str, ...]) -> int:
+    """How many (row, mode) answers are not in ``out_path`` (or its part files) yet."""
+    out_path = Path(out_path)
+    done = _done_keys(out_path)
+    for p in _part_paths(out_path):
+        done |= _done_keys(p)
+    return sum(1 for row in rows for mode in modes if (row.row_id, mode) not in done)
+
+
+def batch_metrics(out_path: str | Path, rows: Iterable[QARow] | None = None, modes: Iterable[str] | None = None) -> dict:
+    """Per-mode metrics of the records in ``out_path`` (one record per (row, mode), the last kept).
+
+    With ``rows``/``modes``, only the records of those rows and modes count (an output file shared by
+    several data sets or runs with other modes does not mix into this run's numbers). Each mode also
+    gets ``n_errors``: records whose row could not be answered (counted as wrong).
+    """
+    path = Path(out_path)
+    latest: dict[tuple[str, str], dict] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-                done.add((rec["row_id"], rec["mode"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
+        for key, line in _read_lines(path):
+            if key is not None:
+                latest[key] = json.loads(line)
+    if rows is not None or modes is not None:
+        row_ids = None if rows is None else {r.row_id for r in rows}
+        mode_set = None if modes is None else set(modes)
+        latest = {
+            k: v
+            for k, v in latest.items()
+            if (row_ids is None or k[0] in row_ids) and (mode_set is None or k[1] in mode_set)
+        }
+    records = list(latest.values())
+    metrics = summarize(records)
+    for mode, m in metrics.items():
+        m["n_errors"] = sum(1 for r in records if str(r.get("mode") or "default") == mode and r.get("error"))
+    return metrics
 
 
 def run_batch(
@@ -54,31 +168,35 @@ def run_batch(
 
     Rows already in ``out_path`` (same row id and mode) are skipped, so an interrupted run resumes.
     A row whose document cannot be read is recorded with an ``error`` and counted as wrong.
+    Under torch.distributed every rank must call this with the same rows; rank 0 returns the
+    metrics of all ranks, the others an empty dict.
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = _rank_world()
     out_path = Path(out_path)
     part = out_path if world == 1 else out_path.with_name(f"{out_path.name}.rank{rank}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_keys(out_path) | _done_keys(part)
-    mine = rows[rank::world]
+    if world == 1:
+        merge_parts(out_path)  # records of an interrupted torchrun run
+    done = _done_keys(out_path)
+    for p in _part_paths(out_path):
+        done |= _done_keys(p)
+    mine = shard_rows(rows, rank, world)
     todo = [(row, mode) for row in mine for mode in modes if (row.row_id, mode) not in done]
+    _repair_tail(part)
     with part.open("a", encoding="utf-8") as out:
         for i, (row, mode) in enumerate(todo):
-            out.write(json.dumps(_answer_row(engine, store, row, mode)) + "\n")
+            record = _answer_row(engine, store, row, mode)
+            record["rank"] = rank
+            out.write(json.dumps(record, default=str) + "\n")
             out.flush()
             if progress is not None:
                 progress(i + 1, len(todo))
     if world > 1:
         dist.barrier()
         if rank == 0:
-            with out_path.open("a", encoding="utf-8") as merged:
-                for r in range(world):
-                    p = out_path.with_name(f"{out_path.name}.rank{r}")
-                    if p.is_file() and p != out_path:
-                        merged.write(p.read_text(encoding="utf-8"))
-                        p.unlink()
+            merge_parts(out_path)
         dist.barrier()
-    return summarize(load_records(out_path)) if rank == 0 else {}
+    return batch_metrics(out_path, rows, modes) if rank == 0 else {}
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -109,18 +227,26 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
         record["doc_id"] = doc_id
         try:
             store.get_document(doc_id)
+            if store.get_text(doc_id) != text:
+                raise StoreError(
+                    f"the store already holds a different document under id {doc_id!r}; give the row "
+                    "another doc_id or use another --store"
+                )
         except UnknownDocument:
-            _, ingest = engine.ingest(
-                store, Document(doc_id=doc_id, title=doc_id, text=text, source=row.document_path or "batch")
-            )
-            record["ingest"] = ingest
+            try:
+                _, ingest = engine.ingest(
+                    store, Document(doc_id=doc_id, title=doc_id, text=text, source=row.document_path or "batch")
+                )
+                record["ingest"] = ingest
+            except DocumentExists:
+                pass  # another process ingested it meanwhile
         start = time.perf_counter()  # latency is the answer's alone; ingestion is reported apart
         ans = engine.ask(store, doc_id, row.question, mode=mode, options=row.options, record=False)
         record["prediction"] = ans.answer
         record["option_scores"] = ans.option_scores
         record["evidence_ranked"] = [[e.char_start, e.char_end] for e in ans.evidence]
         record["timings"] = ans.timings
-    except (ValueError, OSError) as err:  # bad row: record it, keep going
+    except (ValueError, OSError, StoreError) as err:  # bad row: record it, keep going
         record["error"] = f"{type(err).__name__}: {err}"
         logger.warning("row %s (%s): %s", row.row_id, mode, err)
     record["latency_s"] = time.perf_counter() - start

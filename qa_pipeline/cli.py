@@ -118,4 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m` this file is __main__; the commands raise qa_pipeline.cli.CLIError, so run
+    # the imported module's main to catch the same class.
+    from qa_pipeline.cli import main as _main
+
+    sys.exit(_main())

@@ -38,7 +38,9 @@ def cmd_ppl(ns: argparse.Namespace) -> int:
     texts = [s.heldout for s in text_splits(root) if not ns.texts or s.name in ns.texts.split(",")]
     token_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     progress = None if ns.json else (lambda msg: sys.stderr.write(msg + "\n"))
-    result = ppl_by_context(model, token_ids, contexts=contexts, modes=modes, progress=progress)
+    result = ppl_by_context(
+        model, token_ids, contexts=contexts, modes=modes, max_windows=ns.max_windows, progress=progress
+    )
     result.update({"checkpoint": ns.checkpoint, "backbone": ns.backbone, "dtype": ns.dtype, "texts": ns.texts or "all"})
     if ns.out:
         Path(ns.out).write_text(json.dumps(result, indent=2))
@@ -82,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--contexts", default="2048,4096,8192,16384,32768")
     q.add_argument("--modes", default="none,window,rmt,hmt,full")
     q.add_argument("--texts", help="comma-separated subset of wikitext-2,pg19")
+    q.add_argument("--max-windows", type=int, help="windows per text (default: all that fit)")
     q.add_argument("--out", help="write the JSON result here too")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_ppl)

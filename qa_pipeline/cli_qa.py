@@ -32,12 +32,22 @@ def _engine(ns: argparse.Namespace):
     from .engine import Engine
 
     checkpoint = None if str(ns.checkpoint).lower() == "none" else ns.checkpoint
-    return Engine(
-        EngineConfig(
-            backbone=ns.backbone, checkpoint=checkpoint, dtype=ns.dtype, device=ns.device,
-            full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
+    try:
+        return Engine(
+            EngineConfig(
+                backbone=ns.backbone, checkpoint=checkpoint, dtype=ns.dtype, device=ns.device,
+                full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
+            )
         )
-    )
+    except (ValueError, OSError, RuntimeError) as err:  # bad --dtype/--device, checkpoint of another width
+        raise CLIError(f"cannot load the model: {err}") from err
+
+
+def _existing_store(path: str):
+    """Open an existing store read-only (no model needed), so that a wrong --store or --doc fails fast."""
+    from .store import MemoryStore
+
+    return MemoryStore.open(path, create=False)
 
 
 def _store_errors():
@@ -55,9 +65,24 @@ def cmd_ingest(ns: argparse.Namespace) -> int:
     from .documents import load_documents
 
     try:
-        docs = [d for path in ns.files for d in load_documents(path)]  # all files checked before any write
+        docs, origin = [], {}
+        for path in ns.files:  # all files checked before any write
+            for d in load_documents(path):
+                if d.doc_id in origin:
+                    raise CLIError(
+                        f"{path} and {origin[d.doc_id]} both give document id {d.doc_id!r}; "
+                        "rename one of the files (ids come from file names)"
+                    )
+                origin[d.doc_id] = path
+                docs.append(d)
         engine = _engine(ns)
         store = engine.open_store(ns.store)
+        taken = [d.doc_id for d in docs if d.doc_id in store]
+        if taken and not ns.replace:
+            raise CLIError(
+                f"document(s) {', '.join(map(repr, taken))} already in the store {ns.store}; "
+                "pass --replace to overwrite them (nothing was ingested)"
+            )
         results = []
         for doc in docs:
             with tqdm(total=1, desc=doc.doc_id, unit="seg", disable=ns.json, file=sys.stderr) as bar:
@@ -80,10 +105,14 @@ def cmd_ingest(ns: argparse.Namespace) -> int:
 
 
 def cmd_ask(ns: argparse.Namespace) -> int:
-    options = [o.strip() for o in ns.options.split(",")] if ns.options else None
+    options = [o.strip() for o in ns.options.split(",") if o.strip()] if ns.options else None
+    if not ns.question.strip():
+        raise CLIError("the question is empty")
     try:
+        with _existing_store(ns.store) as peek:  # before the model loads: a wrong --store/--doc fails fast
+            peek.get_document(ns.doc)
         engine = _engine(ns)
-        store = engine.open_store(ns.store)
+        store = engine.open_store(ns.store, create=False)
         stream = None
         if not ns.json and not options and sys.stdout.isatty():
             def stream(text: str) -> None:
@@ -111,38 +140,96 @@ def cmd_ask(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _load_rows(spec: str, ns: argparse.Namespace, errors: list[str]) -> list:
+    """Rows of one data spec; malformed JSONL lines are reported in ``errors`` and skipped."""
+    from .qa_data import _PREFIXES, _detect_kind, load_batch_data, read_rows
+
+    head, sep, rest = spec.partition(":")
+    prefixed = bool(sep) and head.strip().lower() in _PREFIXES
+    path = Path(rest if prefixed else spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"batch data not found: {path}")
+    kind = _PREFIXES[head.strip().lower()] if prefixed else _detect_kind(path)
+    if kind != "jsonl":
+        return load_batch_data(spec, limit=ns.limit, fuse=ns.fuse, seed=ns.seed)
+
+    def on_error(line: int, message: str) -> None:
+        text = message if message.startswith(f"line {line}") else f"line {line}: {message}"
+        errors.append(f"{path}: {text}")
+
+    rows = read_rows(path, on_error=on_error)
+    return rows if ns.limit is None else rows[: ns.limit]
+
+
 def cmd_batch(ns: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from hmt.training import init_distributed
 
-    from .batch import run_batch
-    from .qa_data import load_batch_data
+    from .batch import batch_metrics, merge_parts, pending, run_batch
 
-    modes = tuple(m.strip() for m in ns.modes.split(","))
+    modes = tuple(m.strip() for m in ns.modes.split(",") if m.strip())
     bad = [m for m in modes if m not in ANSWER_MODES]
-    if bad:
-        raise CLIError(f"unknown mode(s) {bad}; choose from {', '.join(ANSWER_MODES)}")
-    errors: list[str] = []
+    if bad or not modes:
+        raise CLIError(f"unknown mode(s) {bad or [ns.modes]}; choose from {', '.join(ANSWER_MODES)}")
+    errors: list[str] = []  # malformed input lines, reported with file and line number
     try:
-        init_distributed()
+        rank, world = init_distributed()
         rows = []
         for spec in ns.data:
-            rows += load_batch_data(spec, limit=ns.limit, fuse=ns.fuse, seed=ns.seed)
-        engine = _engine(ns)
-        store_dir = ns.store or str(Path(ns.out).with_suffix("")) + "-store"
-        store = engine.open_store(store_dir)
-        with tqdm(total=len(rows) * len(modes), desc="batch", unit="answer", disable=ns.json, file=sys.stderr) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
+            rows += _load_rows(spec, ns, errors)
+        if rank == 0:
+            for message in errors:
+                sys.stderr.write(f"hmtqa batch: skipped malformed row: {message}\n")
+        if not rows:
+            raise CLIError(
+                f"no valid rows in {', '.join(ns.data)}" + (f" ({len(errors)} malformed line(s))" if errors else "")
+            )
+        if world == 1 and not pending(rows, ns.out, modes):  # all answered already: no model needed
+            merge_parts(Path(ns.out))
+            metrics = batch_metrics(ns.out, rows, modes)
+        else:
+            engine = _engine(ns)
+            store_dir = ns.store or str(Path(ns.out).with_suffix("")) + "-store"
+            store = _open_shared_store(engine, store_dir, rank, world)
+            quiet = ns.json or rank != 0
+            with tqdm(total=len(rows) * len(modes), desc="batch", unit="answer", disable=quiet, file=sys.stderr) as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.n = done
+                    bar.refresh()
 
-            metrics = run_batch(engine, rows, ns.out, store, modes=modes, progress=progress)
+                metrics = run_batch(engine, rows, ns.out, store, modes=modes, progress=progress)
+    except UnicodeDecodeError as err:
+        raise CLIError(f"batch data is not UTF-8 text: {err}") from err
     except _store_errors() as err:
         raise CLIError(str(err)) from err
-    emit({"metrics": metrics, "errors": errors, "out": ns.out}, ns.json, lambda: format_metrics(metrics))
+    if rank != 0:
+        return 0  # rank 0 reports for all ranks
+
+    def text() -> str:
+        lines = [format_metrics(metrics)]
+        n_err = sum(m.get("n_errors", 0) for m in metrics.values())
+        if n_err:
+            lines.append(f"{n_err} answer(s) failed (recorded with an 'error' field in {ns.out})")
+        if errors:
+            lines.append(f"{len(errors)} malformed line(s) skipped:")
+            lines += [f"  {e}" for e in errors]
+        return "\n".join(lines)
+
+    emit({"metrics": metrics, "errors": errors, "rows": len(rows), "out": ns.out}, ns.json, text)
     return 0
+
+
+def _open_shared_store(engine, store_dir: str, rank: int, world: int):
+    """Open the batch store; under torchrun rank 0 creates it first, so the ranks never race to make it."""
+    if world == 1:
+        return engine.open_store(store_dir)
+    import torch.distributed as dist
+
+    store = engine.open_store(store_dir) if rank == 0 else None
+    dist.barrier()
+    return store if store is not None else engine.open_store(store_dir)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -166,6 +253,8 @@ def cmd_docs(ns: argparse.Namespace) -> int:
         if ns.action == "delete":
             if not ns.ids:
                 raise CLIError("docs delete needs one or more document ids")
+            for doc_id in ns.ids:  # all checked before any is deleted
+                store.get_document(doc_id)
             for doc_id in ns.ids:
                 store.delete_document(doc_id)
             emit({"deleted": ns.ids}, ns.json, lambda: f"deleted {', '.join(ns.ids)}")

@@ -6,6 +6,7 @@ Everything user-facing (CLI, batch, web app) goes through :class:`Engine`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -22,7 +23,7 @@ from hmt import DEFAULT_BACKBONE, HMTConfig, HMTModel, load_backbone, resolve_dt
 
 from .documents import Document
 from .prompts import option_text, question_prompt
-from .store import DocumentInfo, MemoryStore, SegmentInfo
+from .store import DocumentExists, DocumentInfo, MemoryStore, SegmentInfo, StoreMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,7 @@ class Engine:
         backbone, tokenizer = load_backbone(cfg.backbone, dtype="float32", device=cfg.device)
         if checkpoint:
             model = HMTModel.from_pretrained(checkpoint, backbone=backbone)
-            digest = hashlib.sha256((Path(checkpoint) / "hmt.safetensors").read_bytes()).hexdigest()[:16]
-            checkpoint_id = f"sha256:{digest}"
+            checkpoint_id = _checkpoint_id(Path(checkpoint))
         else:
             # Seeded so that every process builds the same untrained memory parameters.
             rng = torch.random.get_rng_state()
@@ -153,8 +153,30 @@ class Engine:
             "dtype": str(m.dtype).replace("torch.", ""),
         }
 
-    def open_store(self, path: str | Path) -> MemoryStore:
-        return MemoryStore.open(path, fingerprint=self.fingerprint)
+    def open_store(self, path: str | Path, *, create: bool = True) -> MemoryStore:
+        """Open (``create``: or make) the store at ``path`` for this model; another model's store is refused."""
+        return MemoryStore.open(path, fingerprint=self.fingerprint, create=create)
+
+    def check_store(self, store: MemoryStore) -> None:
+        """Refuse a store written by another model (e.g. one opened read-only, without a fingerprint).
+
+        Raises:
+            StoreMismatch: the store records a different model fingerprint.
+        """
+        stored = store.fingerprint
+        if stored is None:
+            return
+        wanted = json.loads(json.dumps(self.fingerprint))
+        if stored != wanted:
+            diff = "; ".join(
+                f"{k}: store has {stored.get(k)!r}, this model {wanted.get(k)!r}"
+                for k in sorted(set(stored) | set(wanted))
+                if stored.get(k) != wanted.get(k)
+            )
+            raise StoreMismatch(
+                f"memory store at {store.root} was made by a different model ({diff}); its memories "
+                "cannot be read by this one. Open it with the model that made it, or use another store."
+            )
 
     # ------------------------------------------------------------------ ingestion
     def ingest(
@@ -172,8 +194,14 @@ class Engine:
         """
         if not document.text.strip():
             raise QAError(f"document {document.doc_id!r} is empty")
+        self.check_store(store)
+        if not replace and document.doc_id in store:  # before the (long) read, not after it
+            raise DocumentExists(
+                f"document {document.doc_id!r} is already in the store; replace it explicitly "
+                "(replace=True, or --replace on the command line) or give the document another id"
+            )
         start = time.perf_counter()
-        enc = self.tokenizer(document.text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self._tokenize_document(document.text)
         ids = torch.tensor([enc.input_ids], dtype=torch.long, device=self.model.device)
         offsets = enc.offset_mapping
         n_tokens = ids.shape[1]
@@ -193,15 +221,13 @@ class Engine:
                     memories.append(r.memory[0].float().cpu().numpy())
                     keys.append(r.recall_key[0].float().cpu().numpy())
                     segments.append(
-                        SegmentInfo(
-                            document.doc_id, r.index, r.token_start, r.token_end,
-                            offsets[r.token_start][0], offsets[r.token_end - 1][1],
-                        )
+                        SegmentInfo(document.doc_id, r.index, r.token_start, r.token_end, 0, 0)
                     )
                 if progress is not None:
                     elapsed = time.perf_counter() - start
                     progress(len(segments), total, min(pos + block, n_tokens) / max(elapsed, 1e-9))
         read_s = time.perf_counter() - start - tokenize_s
+        _char_spans(segments, offsets, len(document.text))
         k = self.model.config.sensory_length
         metadata = dict(document.metadata)
         metadata["sections"] = [asdict(s) for s in document.sections]
@@ -221,8 +247,10 @@ class Engine:
             replace=replace,
             n_tokens=n_tokens,
         )
-        self._doc_arrays.pop((str(store.root), document.doc_id), None)
-        self._dense_indexes.pop((str(store.root), document.doc_id), None)
+        with self._lock:
+            for cache in (self._doc_arrays, self._dense_indexes):
+                for key in [key for key in cache if key[:2] == (str(store.root), document.doc_id)]:
+                    del cache[key]
         total_s = time.perf_counter() - start
         return info, {
             "tokenize_s": tokenize_s,
@@ -233,9 +261,23 @@ class Engine:
             "tokens_per_s": n_tokens / max(read_s, 1e-9),
         }
 
+    def _tokenize_document(self, text: str):
+        """Token ids + character offsets of a document.
+
+        Strings such as ``<|im_end|>`` inside a document are text, not control tokens: parsing them
+        as special tokens would let a document end the chat turn or fake a prompt.
+        """
+        try:
+            return self.tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+            )
+        except TypeError:  # a tokenizer without split_special_tokens
+            return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+
     # ------------------------------------------------------------------ answering
-    def _arrays(self, store: MemoryStore, doc_id: str) -> dict:
-        key = (str(store.root), doc_id)
+    def _arrays(self, store: MemoryStore, doc_id: str, version: tuple = ()) -> dict:
+        # ``version`` changes when the document is replaced (also by another process).
+        key = (str(store.root), doc_id, *version)
         with self._lock:
             if key not in self._doc_arrays:
                 self._doc_arrays[key] = store.arrays(doc_id, ["memory", "recall_key", "state.sensory_ids"])
@@ -248,14 +290,14 @@ class Engine:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
-    def _memory_for(self, store: MemoryStore, doc_id: str, question_ids: torch.Tensor):
+    def _memory_for(self, store: MemoryStore, doc_id: str, question_ids: torch.Tensor, version: tuple = ()):
         """Rebuild the document's memory for this question: FAISS top-N recall keys + sensory tokens.
 
         With N >= the document's segments this is exactly the cache HMT held after reading it; past
         N, FAISS picks the N memories the question scores highest, so recall is not capped at N.
         """
         model = self.model
-        arrays = self._arrays(store, doc_id)
+        arrays = self._arrays(store, doc_id, version)
         n = arrays["memory"].shape[0]
         with torch.inference_mode():
             summary = model.summarize(question_ids)[:, 0]
@@ -314,26 +356,33 @@ class Engine:
                 f"the question is {question_ids.shape[1]} tokens with its prompt; the limit is one segment "
                 f"({L} tokens). Shorten it."
             )
+        self.check_store(store)
         info = store.get_document(doc_id)  # raises UnknownDocument with the known ids
         start = time.perf_counter()
         text = store.get_text(doc_id)
+        version = (info.created_at, info.n_tokens, info.n_segments, len(text))
         recall, query, state, evidence = [], None, None, []
         model, prompt_ids = self.model, question_ids
         if mode in ("hmt", "hmt+retrieval"):
-            state, recall, query = self._memory_for(store, doc_id, question_ids)
+            state, recall, query = self._memory_for(store, doc_id, question_ids, version)
             evidence = self._segment_evidence(store, doc_id, text, recall, self.config.evidence_k)
             if mode == "hmt+retrieval":
                 context = self._context(text, evidence[: self.config.retrieval_segments])
                 prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, context))
         elif mode == "dense-rag":
             model = self.plain
-            evidence = self._dense_evidence(store, doc_id, text, question)
+            evidence = self._dense_evidence(store, doc_id, text, question, version)
             context = self._context(text, evidence[: self.config.dense_k])
             prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, context))
         else:
             model = self.plain
             budget = self.config.full_context_tokens - question_ids.shape[1] - (max_new_tokens or self.config.max_new_tokens) - 16
-            window_end = self._prefix_chars(text, max(budget, 0))
+            if budget <= 0:
+                raise QAError(
+                    f"mode 'none' has no room for the document: full_context_tokens="
+                    f"{self.config.full_context_tokens} is used up by the question and the answer; raise it"
+                )
+            window_end = self._prefix_chars(text, budget)
             evidence = [Evidence(-1, 0, window_end, 1.0, text[:300])]
             prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, text[:window_end]))
         recall_s = time.perf_counter() - start
@@ -389,25 +438,30 @@ class Engine:
             out.append(Evidence(idx, s.char_start, s.char_end, weight, text[s.char_start : s.char_end][:400]))
         return out
 
-    def _dense_evidence(self, store: MemoryStore, doc_id: str, text: str, question: str) -> list[Evidence]:
+    def _dense_evidence(
+        self, store: MemoryStore, doc_id: str, text: str, question: str, version: tuple = ()
+    ) -> list[Evidence]:
         from .dense import DenseEmbedder, DenseIndex, chunk_text
 
         with self._lock:
             if self._dense is None:
                 self._dense = DenseEmbedder(self.config.dense_model)
-            key = (str(store.root), doc_id)
+            key = (str(store.root), doc_id, *version)
             index = self._dense_indexes.get(key)
             if index is None:
                 spans = chunk_text(text, max_chars=self.config.dense_chunk_chars)
                 index = DenseIndex(self._dense)
-                index.add(spans, [text[s:e] for s, e in spans])
+                # Identifiers (chunk index, start, end): evidence names the chunk, not its rank.
+                index.add([(i, s, e) for i, (s, e) in enumerate(spans)], [text[s:e] for s, e in spans])
                 self._dense_indexes[key] = index
                 while len(self._dense_indexes) > 16:
                     self._dense_indexes.popitem(last=False)
+            else:
+                self._dense_indexes.move_to_end(key)
         hits = index.search(question, k=max(self.config.dense_k, self.config.evidence_k))
         return [
-            Evidence(i, int(span[0]), int(span[1]), float(score), text[span[0] : span[1]][:400])
-            for i, (span, score) in enumerate(hits)
+            Evidence(int(i), int(s), int(e), float(score), text[s:e][:400])
+            for (i, s, e), score in hits
         ]
 
     @staticmethod
@@ -422,3 +476,37 @@ class Engine:
         if len(enc.input_ids) <= max_tokens:
             return min(len(text), max_tokens * 12) if len(enc.input_ids) else 0
         return enc.offset_mapping[max_tokens - 1][1] if max_tokens else 0
+
+
+def _char_spans(segments: list[SegmentInfo], offsets: list[tuple[int, int]], n_chars: int) -> None:
+    """Give segments contiguous character spans that cover the text: ``[0, b1), [b1, b2), ... [bn, end)``.
+
+    A boundary is where the segment's first token starts. Byte-level BPE splits a multi-byte
+    character over several tokens with the same offsets, so token offsets alone would make
+    neighbouring segments overlap (or leave the spaces between them out).
+    """
+    bound = 0
+    for i, seg in enumerate(segments):
+        seg.char_start = bound
+        if i + 1 < len(segments):
+            nxt = offsets[segments[i + 1].token_start][0]
+            bound = min(max(bound, nxt), n_chars)
+        else:
+            bound = n_chars
+        seg.char_end = bound
+
+
+def _checkpoint_id(path: Path) -> str:
+    """Content hash of what a checkpoint changes: HMT parameters, LoRA adapter, fine-tuned backbone.
+
+    Only ``hmt.safetensors`` is hashed for a plain checkpoint, so ids of existing stores stay valid.
+    """
+    digest = hashlib.sha256((path / "hmt.safetensors").read_bytes())
+    for sub in ("adapter", "backbone"):
+        folder = path / sub
+        if folder.is_dir():
+            for f in sorted(folder.rglob("*")):
+                if f.is_file():
+                    digest.update(f.relative_to(path).as_posix().encode())
+                    digest.update(f.read_bytes())
+    return f"sha256:{digest.hexdigest()[:16]}"

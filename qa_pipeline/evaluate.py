@@ -36,6 +36,7 @@ def ppl_by_context(
     contexts: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768),
     modes: tuple[str, ...] = PPL_MODES,
     max_positions: int = 8192,
+    max_windows: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Perplexity of the segment after X tokens of context, per mode, pooled over texts.
@@ -46,13 +47,18 @@ def ppl_by_context(
         contexts: the X values (multiples of L).
         modes: HMT modes, plus "full": the plain backbone over all X + L tokens, only where that
             fits in ``max_positions``.
+        max_windows: at most this many windows per text (None: all).
     """
     L = model.config.segment_length
     bad = [x for x in contexts if x % L]
     if bad:
         raise ValueError(f"contexts {bad} are not multiples of the segment length {L}")
     span = max(contexts) + L
-    windows = [ids[s : s + span] for ids in token_ids for s in range(0, len(ids) - span + 1, span)]
+    windows = [
+        ids[s : s + span]
+        for ids in token_ids
+        for s in list(range(0, len(ids) - span + 1, span))[:max_windows]
+    ]
     if not windows:
         raise ValueError(f"no held-out text is {span} tokens long; lower the largest context")
     sums = {m: {x: [0.0, 0] for x in contexts} for m in modes}
