@@ -201,9 +201,8 @@ class Engine:
                 "(replace=True, or --replace on the command line) or give the document another id"
             )
         start = time.perf_counter()
-        enc = self._tokenize_document(document.text)
-        ids = torch.tensor([enc.input_ids], dtype=torch.long, device=self.model.device)
-        offsets = enc.offset_mapping
+        token_ids, token_starts = self._tokenize_document(document.text)
+        ids = torch.from_numpy(token_ids)[None].to(self.model.device)
         n_tokens = ids.shape[1]
         if n_tokens == 0:
             raise QAError(f"document {document.doc_id!r} has no tokens")
@@ -227,7 +226,7 @@ class Engine:
                     elapsed = time.perf_counter() - start
                     progress(len(segments), total, min(pos + block, n_tokens) / max(elapsed, 1e-9))
         read_s = time.perf_counter() - start - tokenize_s
-        _char_spans(segments, offsets, len(document.text))
+        _char_spans(segments, token_starts, len(document.text))
         k = self.model.config.sensory_length
         metadata = dict(document.metadata)
         metadata["sections"] = [asdict(s) for s in document.sections]
@@ -242,7 +241,7 @@ class Engine:
                 "summary": np.stack(summaries),
                 "memory": np.stack(memories),
                 "recall_key": np.stack(keys),
-                "state.sensory_ids": np.asarray(enc.input_ids[-k:] if k else [], dtype=np.int64),
+                "state.sensory_ids": token_ids[-k:] if k else token_ids[:0],
             },
             replace=replace,
             n_tokens=n_tokens,
@@ -261,18 +260,33 @@ class Engine:
             "tokens_per_s": n_tokens / max(read_s, 1e-9),
         }
 
-    def _tokenize_document(self, text: str):
-        """Token ids + character offsets of a document.
+    def _tokenize_document(self, text: str, chunk_chars: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and each token's start character, as compact arrays.
 
+        Long texts are tokenized in pieces cut just before whitespace (where BPE splits anyway), so a
+        million-token document never holds a million Python offset tuples at once.
         Strings such as ``<|im_end|>`` inside a document are text, not control tokens: parsing them
         as special tokens would let a document end the chat turn or fake a prompt.
         """
-        try:
-            return self.tokenizer(
-                text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
-            )
-        except TypeError:  # a tokenizer without split_special_tokens
-            return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, starts = [], []
+        pos = 0
+        while pos < len(text):
+            end = min(len(text), pos + chunk_chars)
+            if end < len(text):
+                cut = max(text.rfind(" ", pos + chunk_chars // 2, end), text.rfind("\n", pos + chunk_chars // 2, end))
+                end = cut if cut > pos else end
+            try:
+                enc = self.tokenizer(
+                    text[pos:end], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+                )
+            except TypeError:  # a tokenizer without split_special_tokens
+                enc = self.tokenizer(text[pos:end], add_special_tokens=False, return_offsets_mapping=True)
+            ids.append(np.asarray(enc.input_ids, dtype=np.int64))
+            starts.append(np.asarray([o[0] for o in enc.offset_mapping], dtype=np.int64) + pos)
+            pos = end
+        if not ids:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(ids), np.concatenate(starts)
 
     # ------------------------------------------------------------------ answering
     def _arrays(self, store: MemoryStore, doc_id: str, version: tuple = ()) -> dict:
@@ -478,7 +492,7 @@ class Engine:
         return enc.offset_mapping[max_tokens - 1][1] if max_tokens else 0
 
 
-def _char_spans(segments: list[SegmentInfo], offsets: list[tuple[int, int]], n_chars: int) -> None:
+def _char_spans(segments: list[SegmentInfo], token_starts: np.ndarray, n_chars: int) -> None:
     """Give segments contiguous character spans that cover the text: ``[0, b1), [b1, b2), ... [bn, end)``.
 
     A boundary is where the segment's first token starts. Byte-level BPE splits a multi-byte
@@ -489,7 +503,7 @@ def _char_spans(segments: list[SegmentInfo], offsets: list[tuple[int, int]], n_c
     for i, seg in enumerate(segments):
         seg.char_start = bound
         if i + 1 < len(segments):
-            nxt = offsets[segments[i + 1].token_start][0]
+            nxt = int(token_starts[segments[i + 1].token_start])
             bound = min(max(bound, nxt), n_chars)
         else:
             bound = n_chars

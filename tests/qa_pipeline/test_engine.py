@@ -298,3 +298,11 @@ def test_mode_none_without_room_for_the_document(tmp_path):
     tight.ingest(store, load_text(make_text(5), doc_id="d"))
     with pytest.raises(QAError, match="full_context_tokens"):
         tight.ask(store, "d", "Which of the drugs that were given in the trial changed the outcome the most?", mode="none")
+
+
+def test_chunked_tokenization_matches_whole_text(engine):
+    text = make_text(200) + "\nnaïve café 🧬 done."
+    whole = engine.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+    ids, starts = engine._tokenize_document(text, chunk_chars=500)
+    assert ids.tolist() == whole.input_ids
+    assert starts.tolist() == [o[0] for o in whole.offset_mapping]
