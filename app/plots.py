@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 ACCENT = "#e8590c"  # evidence segments and the question's query point
 MUTED = "#adb5bd"
@@ -44,6 +45,7 @@ def recall_weights_figure(
     ax.set_ylabel("recall weight")
     ax.set_title("Which segments the question recalls (orange: evidence)", fontsize=10)
     ax.set_xlim(-0.7, len(weights) - 0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.margins(y=0.1)
     ax.spines[["top", "right"]].set_visible(False)
     return fig
@@ -64,6 +66,7 @@ def recall_distance_figure(n_segments: int, recall: Sequence[tuple[int, float]])
     top = max(int(distances.max()), 1)
     bins = np.arange(0.5, top + 1.5, max(1, int(np.ceil(top / 40))))  # at most ~40 bars
     ax.hist(distances, bins=bins, weights=weights, color="#1c7ed6", edgecolor="white")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("recall distance (segments back from the question)")
     ax.set_ylabel("total recall weight")
     ax.set_title("How far back the question reaches", fontsize=10)
@@ -77,7 +80,9 @@ def _pca(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mean = x.mean(axis=0)
     centred = x - mean
     if len(x) > 1 and np.abs(centred).max() > 0:
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+        # Directions with no variance (e.g. the second of two points) are numerical noise: drop them.
+        vt = vt[singular > 1e-6 * singular[0]]
     else:
         vt = np.zeros((0, x.shape[1]))
     components = np.zeros((2, x.shape[1]))

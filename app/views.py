@@ -1,0 +1,181 @@
+"""Pure functions that turn pipeline results into what the UI components display.
+
+No Gradio here, so they are tested directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qa_pipeline.engine import Answer, Evidence
+from qa_pipeline.metrics import exact_match, normalize_label
+from qa_pipeline.store import SegmentInfo
+
+FULL_TEXT_CHARS = 20_000  # longer documents are shown as the evidence with some context around it
+CONTEXT_CHARS = 400
+# Rank 1 darkest: the eye finds the strongest evidence first.
+EVIDENCE_COLORS = ["#f76707", "#ffa94d", "#ffd8a8", "#ffe8cc", "#fff4e6"]
+WINDOW_COLOR = "#a5d8ff"
+
+Highlight = list[tuple[str, str | None]]
+
+
+def evidence_label(rank: int, ev: Evidence, mode: str) -> str:
+    """What a highlighted span says about itself: rank, where it is, and its weight."""
+    if ev.segment < 0:
+        return f"read by the model (first {ev.char_end:,} characters)"
+    if mode == "dense-rag":
+        return f"#{rank} chunk {ev.segment} · similarity {ev.weight:.2f}"
+    return f"#{rank} segment {ev.segment} · recall weight {ev.weight:.2f}"
+
+
+def evidence_highlights(text: str, evidence: Sequence[Evidence], mode: str) -> tuple[Highlight, dict[str, str]]:
+    """Document text split into (piece, label) pairs with the evidence labelled, plus a colour map.
+
+    Overlapping evidence (dense-rag chunks overlap) is shown once, under its best rank. Long
+    documents are cut to the evidence and some context, with the gaps marked.
+    """
+    spans: list[tuple[int, int, str]] = []
+    colors: dict[str, str] = {}
+    for rank, ev in enumerate(evidence, start=1):
+        start, end = max(0, ev.char_start), min(len(text), ev.char_end)
+        if end <= start:
+            continue
+        label = evidence_label(rank, ev, mode)
+        colors[label] = WINDOW_COLOR if ev.segment < 0 else EVIDENCE_COLORS[min(rank, len(EVIDENCE_COLORS)) - 1]
+        # Cut away what better-ranked spans already cover, keeping the uncovered pieces.
+        pieces = [(start, end)]
+        for s, e, _ in spans:
+            pieces = [p for a, b in pieces for p in ((a, min(b, s)), (max(a, e), b)) if p[1] > p[0]]
+        spans.extend((a, b, label) for a, b in pieces)
+    spans.sort()
+    return _with_gaps(text, spans), colors
+
+
+def _with_gaps(text: str, spans: list[tuple[int, int, str]]) -> Highlight:
+    """Interleave labelled spans with the unlabelled text between them, eliding long stretches."""
+    long_doc = len(text) > FULL_TEXT_CHARS
+    out: Highlight = []
+    pos = 0
+
+    def plain(a: int, b: int, first: bool, last: bool) -> None:
+        if b <= a:
+            return
+        piece = text[a:b]
+        if long_doc and len(piece) > 2 * CONTEXT_CHARS + 200:
+            head = "" if first else piece[:CONTEXT_CHARS]
+            tail = "" if last else piece[-CONTEXT_CHARS:]
+            skipped = len(piece) - len(head) - len(tail)
+            out.append((f"{head}\n[… {skipped:,} characters not shown …]\n{tail}", None))
+        else:
+            out.append((piece, None))
+
+    for i, (s, e, label) in enumerate(spans):
+        plain(pos, s, first=i == 0, last=False)
+        out.append((text[s:e], label))
+        pos = e
+    if not spans and long_doc:
+        out.append((text[:FULL_TEXT_CHARS], None))
+        out.append((f"\n[… {len(text) - FULL_TEXT_CHARS:,} more characters …]", None))
+    else:
+        plain(pos, len(text), first=not spans, last=True)
+    return out
+
+
+def document_preview(text: str) -> Highlight:
+    """The document with nothing highlighted (before a question is asked)."""
+    return _with_gaps(text, [])
+
+
+def answer_markdown(answer: Answer) -> str:
+    """Mode, timings and (closed questions) the option scores, in one short block."""
+    t = answer.timings
+    lines = [
+        f"**mode** `{answer.mode}` · recall {t.get('recall_s', 0):.2f} s · first token "
+        f"{t.get('first_token_s', 0):.2f} s · total {t.get('total_s', 0):.2f} s"
+    ]
+    if answer.option_scores:
+        scores = sorted(answer.option_scores.items(), key=lambda kv: -kv[1])
+        lines.append("**option log-likelihoods** " + " · ".join(f"{o}: {s:.2f}" for o, s in scores))
+    if not answer.evidence:
+        lines.append("_No evidence returned for this mode._")
+    else:
+        items = [
+            f"{rank}. {evidence_label(rank, ev, answer.mode).removeprefix(f'#{rank} ')}: “{snippet(ev.snippet, 110)}”"
+            for rank, ev in enumerate(answer.evidence[:3], start=1)
+        ]
+        lines.append("**top evidence** (highlighted in the text below)\n\n" + "\n".join(items))
+    return "\n\n".join(lines)
+
+
+SEGMENT_HEADERS = ["segment", "tokens", "characters", "snippet"]
+
+
+def segment_rows(text: str, segments: Sequence[SegmentInfo], snippet_chars: int = 120) -> list[list]:
+    """One row per segment: index, token span, character span, the start of its text."""
+    return [
+        [
+            s.idx,
+            f"{s.token_start}–{s.token_end}",
+            f"{s.char_start}–{s.char_end}",
+            snippet(text[s.char_start : s.char_end], snippet_chars),
+        ]
+        for s in segments
+    ]
+
+
+def snippet(text: str, limit: int) -> str:
+    """The start of ``text`` on one line, cut at a word boundary with an ellipsis."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    return flat[:limit].rsplit(" ", 1)[0] + " …"
+
+
+METRIC_COLUMNS = ["n", "accuracy", "macro_f1", "exact_match", "token_f1", "hit@1", "hit@5", "latency_p50_s"]
+METRIC_HEADERS = ["mode", *METRIC_COLUMNS]
+
+
+def metric_rows(metrics: dict[str, dict]) -> list[list]:
+    """One row per answer mode; metrics without data show as a dash."""
+    rows = []
+    for mode, m in metrics.items():
+        row: list = [mode]
+        for c in METRIC_COLUMNS:
+            v = m.get(c)
+            row.append("–" if v is None else round(v, 3) if isinstance(v, float) else v)
+        rows.append(row)
+    return rows
+
+
+RESULT_HEADERS = ["row", "mode", "document", "question", "gold", "prediction", "correct", "latency s", "error"]
+
+
+def _correct(record: dict) -> str:
+    """✓ / ✗ for a scored row (closed: same label; open: SQuAD exact match); blank without gold."""
+    gold, pred = record.get("answer"), record.get("prediction")
+    if not gold:
+        return ""
+    if record.get("options"):
+        ok = normalize_label(pred) == normalize_label(gold)
+    else:
+        ok = exact_match(pred, gold) == 1.0
+    return "✓" if ok else "✗"
+
+
+def result_rows(records: Sequence[dict]) -> list[list]:
+    """The batch results, one row per (question, mode)."""
+    return [
+        [
+            r.get("row_id", ""),
+            r.get("mode", ""),
+            r.get("doc_id", ""),
+            r.get("question", ""),
+            r.get("answer") or "",
+            r.get("prediction") or "",
+            _correct(r),
+            round(float(r.get("latency_s") or 0.0), 3),
+            r.get("error", ""),
+        ]
+        for r in records
+    ]

@@ -1,0 +1,109 @@
+"""The page in headless chromium (Debian's package, not `playwright install`): the whole flow.
+
+Saves docs/screenshots/{ask,batch,memory}.png for the README.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import TEST_UPLOAD_MB
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        shutil.which("chromium") is None,
+        reason="Debian's chromium is not installed (apt-get install -y chromium); the CI image has it",
+    ),
+]
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1320, "height": 1000}, device_scale_factor=1)
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.goto(server.url)
+    pg.get_by_text("ready", exact=False).first.wait_for()
+    yield pg
+    context.close()
+
+
+def toast(page, pattern: str):
+    """The error toast Gradio shows for gr.Error."""
+    import re
+
+    return page.locator(".toast-body").filter(has_text=re.compile(pattern, re.I)).first
+
+
+def test_ask_flow_evidence_and_memory(page):
+    page.click("#example-btn")
+    page.wait_for_function("document.querySelector('#paste textarea').value.length > 100")
+    page.click("#ingest-btn")
+    page.locator("#ingest-status").get_by_text("ingested").wait_for()
+    # The new document is selected in the picker and its text shown.
+    page.locator("#evidence").get_by_text("Blood cultures grew", exact=False).wait_for()
+
+    page.fill("#question textarea", "Was clarithromycin added to the antibiotics?")
+    page.fill("#options textarea", "yes, no")
+    page.click("#ask-btn")
+    page.wait_for_function("['yes', 'no'].includes(document.querySelector('#answer textarea').value)")
+    page.locator("#timings").get_by_text("option log-likelihoods").wait_for()
+    # Evidence is highlighted over the text, labelled with rank, segment and recall weight.
+    page.locator("#evidence").get_by_text("recall weight", exact=False).first.wait_for()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "ask.png"), full_page=True)
+
+    page.get_by_role("tab", name="Memory").click()
+    page.locator("#memory-title").get_by_text("Last question").wait_for()
+    page.locator("#recall-plot img").wait_for()
+    page.locator("#pca-plot img").wait_for()
+    search = page.get_by_label("Text to search for (encoded as a question)")
+    search.fill("antibiotic treatment")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_function("document.querySelectorAll('#search-results tbody tr').length >= 2")
+    page.screenshot(path=str(SCREENSHOTS / "memory.png"), full_page=True)
+
+
+def test_batch_tab_runs_the_sample(page):
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#use-sample input").check()
+    page.click("#batch-btn")
+    page.locator("#batch-status").get_by_text("6 answers", exact=False).wait_for()
+    page.get_by_text("trial-2").first.wait_for()
+    page.screenshot(path=str(SCREENSHOTS / "batch.png"), full_page=True)
+
+
+def test_bad_uploads_show_an_error_and_the_page_keeps_working(page, tmp_path):
+    binary = tmp_path / "scan.txt"
+    binary.write_bytes(bytes(range(256)) * 16)
+    page.set_input_files("#files input[type=file]", str(binary))
+    page.locator("#files a.download-link").first.wait_for()  # the link appears once the upload is done
+    page.click("#ingest-btn")
+    toast(page, "binary").wait_for()
+
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a" * int(TEST_UPLOAD_MB * 1024 * 1024 * 2))
+    page.set_input_files("#files input[type=file]", str(big))
+    toast(page, "(exceed|size|limit)").wait_for()
+
+    # Still serving: an empty ingest says what to do, and a pasted note ingests.
+    page.fill("#paste textarea", "A short note: the patient takes aspirin 75 mg daily.")
+    page.evaluate("document.querySelectorAll('#files button[aria-label=\"Clear\"]').forEach(b => b.click())")
+    page.click("#ingest-btn")
+    page.locator("#ingest-status").get_by_text("ingested").wait_for()
