@@ -1,8 +1,7 @@
 """Turn free text into HMT's recall query ``q = S_q W_q``, for the memory search box.
 
-The engine computes this vector inside ``ask`` (``Engine._memory_for``) but has no public method
-for it; this helper mirrors that computation through the model's public ``summarize`` and
-``recall.queries``. If the engine grows a public ``query_vector(text)``, it is used instead.
+``Engine.query_vector`` forms the same query ``ask`` uses, so the search ranks segments exactly
+as recall would.
 """
 
 from __future__ import annotations
@@ -10,10 +9,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
-from qa_pipeline.engine import Engine
-from qa_pipeline.prompts import question_prompt
+from qa_pipeline.engine import Engine, QAError
 
 from .errors import AppError
 
@@ -27,19 +24,10 @@ def query_vector(engine: Engine, text: str) -> np.ndarray:
     text = (text or "").strip()
     if not text:
         raise AppError("Type some text to search the memory with.")
-    public = getattr(engine, "query_vector", None)
-    if callable(public):
-        return np.asarray(public(text), dtype=np.float32)
-    # Same prompt as a real question, so the search ranks segments exactly as recall would.
-    prompt = question_prompt(engine.tokenizer, text)
-    ids = engine.tokenizer(prompt, add_special_tokens=False).input_ids
-    limit = engine.model.config.segment_length
-    if len(ids) > limit:
-        raise AppError(f"The search text is {len(ids)} tokens with its prompt; the limit is {limit}. Shorten it.")
-    input_ids = torch.tensor([ids], dtype=torch.long, device=engine.model.device)
-    with torch.inference_mode():
-        summary = engine.model.summarize(input_ids)[:, 0]
-        return engine.model.recall.queries(summary)[0].float().cpu().numpy()
+    try:
+        return np.asarray(engine.query_vector(text), dtype=np.float32)
+    except QAError as err:
+        raise AppError(f"Search text: {err}") from err
 
 
 def recall_weights(keys: np.ndarray, query: np.ndarray) -> np.ndarray:

@@ -304,6 +304,29 @@ class Engine:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
+    def _query(self, question_ids: torch.Tensor) -> np.ndarray:
+        """q = S_q W_q for a prompt: the vector whose inner products with recall keys are the recall logits."""
+        with torch.inference_mode():
+            summary = self.model.summarize(question_ids)[:, 0]
+            return self.model.recall.queries(summary)[0].float().cpu().numpy()
+
+    def query_vector(self, question: str, options: list[str] | None = None) -> np.ndarray:
+        """The recall query ``ask`` forms for ``question``: search the store's recall keys with it.
+
+        Raises:
+            QAError: empty question, or longer than one segment with its prompt.
+        """
+        question = (question or "").strip()
+        if not question:
+            raise QAError("the question is empty")
+        ids = self._encode(question_prompt(self.tokenizer, question, options))
+        if ids.shape[1] > self.model.config.segment_length:
+            raise QAError(
+                f"the question is {ids.shape[1]} tokens with its prompt; the limit is one segment "
+                f"({self.model.config.segment_length} tokens). Shorten it."
+            )
+        return self._query(ids)
+
     def _memory_for(self, store: MemoryStore, doc_id: str, question_ids: torch.Tensor, version: tuple = ()):
         """Rebuild the document's memory for this question: FAISS top-N recall keys + sensory tokens.
 
@@ -313,9 +336,7 @@ class Engine:
         model = self.model
         arrays = self._arrays(store, doc_id, version)
         n = arrays["memory"].shape[0]
-        with torch.inference_mode():
-            summary = model.summarize(question_ids)[:, 0]
-            query = model.recall.queries(summary)[0].float().cpu().numpy()
+        query = self._query(question_ids)
         if n > model.config.num_cached:
             hits = store.search(query, index="recall_key", doc_id=doc_id, k=model.config.num_cached)
             chosen = np.sort(np.array([idx for _, idx, _ in hits], dtype=np.int64))
