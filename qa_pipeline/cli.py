@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import types
 import typing
 from collections.abc import Callable
 
@@ -87,23 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train)
 
-    for register in _extra_commands():
-        register(sub)
+    from . import cli_eval, cli_qa, cli_serve  # each module registers its own subcommands
+
+    for module in (cli_qa, cli_eval, cli_serve):
+        module.register(sub)
     return parser
-
-
-def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands defined in their own modules (kept out of this file so each stays small)."""
-    registers = []
-    for module_name in ("qa_pipeline.cli_qa", "qa_pipeline.cli_eval", "qa_pipeline.cli_serve"):
-        try:
-            module: types.ModuleType = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        registers.append(module.register)
-    return registers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .cli import CLIError, add_dataclass_args, dataclass_from_args, emit
+from .cli import CLIError, emit
 from .engine import ANSWER_MODES, EngineConfig
 
 ENGINE_FLAGS = ("backbone", "checkpoint", "dtype", "device", "full_context_tokens", "max_new_tokens")
@@ -305,5 +304,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_docs)
 
-
-__all__ = ["register", "dataclass_from_args", "add_dataclass_args", "json"]
