@@ -9,8 +9,6 @@ from pathlib import Path
 from .cli import CLIError, emit
 from .engine import ANSWER_MODES, EngineConfig
 
-ENGINE_FLAGS = ("backbone", "checkpoint", "dtype", "device", "full_context_tokens", "max_new_tokens")
-
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("model")
