@@ -564,6 +564,7 @@ class HMTModel(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
         try:
             tensors = {name: p.detach().contiguous().cpu() for name, p in self.hmt_state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
