@@ -11,9 +11,10 @@ from .cli import CLIError, emit
 
 
 def _load(ns: argparse.Namespace):
-    from hmt import HMTConfig, HMTModel, load_backbone
+    from hmt import HMTConfig, HMTModel, load_backbone, resolve_dtype
 
-    backbone, tokenizer = load_backbone(ns.backbone, dtype=ns.dtype, device=ns.device)
+    # Load in float32, fold adapters in, then cast: exactly how the QA engine loads, so the numbers match.
+    backbone, tokenizer = load_backbone(ns.backbone, dtype="float32", device=ns.device)
     if ns.checkpoint and ns.checkpoint.lower() != "none":
         from .engine import DEFAULT_CHECKPOINT
 
@@ -21,7 +22,7 @@ def _load(ns: argparse.Namespace):
         model = HMTModel.from_pretrained(path, backbone=backbone)
     else:
         model = HMTModel(backbone, HMTConfig(segment_length=ns.segment_length, sensory_length=32))
-    return model.eval(), tokenizer
+    return model.to(dtype=resolve_dtype(ns.dtype)).eval(), tokenizer
 
 
 def cmd_ppl(ns: argparse.Namespace) -> int:
