@@ -1,0 +1,158 @@
+"""Smoke tests of the benchmark scripts on tiny inputs (the real runs are `python -m bench.<name>`)."""
+
+import json
+
+import pytest
+import torch
+
+from bench import common, faiss_scale, ingest_speed, memory_scale, run_all
+from hmt import HMTConfig, HMTModel
+from tests.tiny import VOCAB, tiny_backbone
+
+L, K = 16, 4
+
+
+def tiny_model():
+    backbone = tiny_backbone("llama")
+    return backbone, HMTModel(backbone, HMTConfig(segment_length=L, sensory_length=K, num_cached=8)).eval()
+
+
+def ids(length):
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_paired_blocks_and_model_ratio():
+    backbone, model = tiny_model()
+    x = ids(6 * L)
+    pairs = ingest_speed.paired_blocks(model, backbone, x, block_segments=2, repeats=2, device="cpu")
+    assert len(pairs) == 6  # 3 blocks x 2 repeats
+    assert all(p["hmt_wall"] > 0 and p["backbone_wall"] > 0 for p in pairs)
+    macs = ingest_speed.mac_model(backbone, model.config, x.shape[1])
+    assert 0 < macs["model_ratio"] < 2
+
+
+def test_profile_accounts_for_the_time_and_unpatches():
+    _, model = tiny_model()
+    prof = ingest_speed.profile_hmt(model, ids(4 * L), block=2, device="cpu")
+    shares = sum(prof[f"{k}_share"] for k in ("summary", "main", "recall", "step_other", "outside"))
+    assert shares == pytest.approx(1.0, abs=1e-6)
+    assert prof["summary_s"] > 0 and prof["main_s"] > 0
+    # The wrappers live on the instance only and must be gone afterwards.
+    for name in ("summarize", "_segment_step", "_run_backbone"):
+        assert name not in vars(model)
+    assert "forward" not in vars(model.recall)
+
+
+def test_eager_summary_switch_is_reversible_and_exact():
+    _, model = tiny_model()
+    config = model._causal_lm().config
+    before = config._attn_implementation
+    x = ids(3 * L)
+    with torch.inference_mode():
+        plain = model.summarize(x)
+        with ingest_speed.summary_attention(model, "eager"):
+            eager = model.summarize(x)
+    assert config._attn_implementation == before
+    assert "_summary_pass" not in vars(model)
+    torch.testing.assert_close(plain, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_interleaved_and_tables(tmp_path, capsys):
+    times = common.interleaved({"a": lambda: None, "b": lambda: None}, repeats=3)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    common.print_table([{"x": 1.5, "y": None}], [("x", "X", ".2f"), ("y", "Y", "s")], title="t")
+    assert "1.50" in capsys.readouterr().out
+    path = common.write_results("demo", {"v": torch.tensor(2.0)}, tmp_path / "demo.json")
+    assert json.loads(path.read_text()) == {"v": 2.0}
+
+
+def test_token_source_falls_back_to_synthetic(tmp_path):
+    class Tok:
+        vocab_size = 1000
+
+    x, source = common.text_token_ids(Tok(), 50, tmp_path / "missing")
+    assert x.shape == (1, 50) and int(x.max()) < 1000
+    assert "synthetic" in source
+
+
+def test_machine_info_fields():
+    info = common.machine_info(device="cpu", dtype="float32", threads=1)
+    for key in ("cpu_model", "logical_cores", "torch_version", "torch_threads", "dtype", "date"):
+        assert key in info
+
+
+def test_faiss_scale_small(tmp_path):
+    out = tmp_path / "faiss.json"
+    argv = ["--sizes", "300", "2000", "--exact-limit", "1000", "--dim", "16", "--queries", "8"]
+    assert faiss_scale.main([*argv, "--clusters", "20", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["index"] for r in rows] == ["IndexFlatIP", "IndexHNSWFlat"]
+    assert rows[0]["recall_at_k"] == pytest.approx(1.0)
+    assert 0.0 <= rows[1]["recall_at_k"] <= 1.0
+
+
+def test_memory_scale_token_blocks_and_summary():
+    blocks = list(memory_scale.token_blocks(None, 100, 10, 4))
+    assert [len(b) for b in blocks] == [4, 4, 2]
+    cyclic = list(memory_scale.token_blocks(torch.arange(3).numpy(), 100, 7, 4))
+    assert [b.tolist() for b in cyclic] == [[0, 1, 2, 0], [1, 2, 0]]
+    rows = [
+        {"mode": "hmt", "tokens": 4096, "ingest_peak_rss_mb": 100.0},
+        {"mode": "hmt", "tokens": 1_048_576, "ingest_peak_rss_mb": 110.0},
+        {"mode": "backbone", "tokens": 4096, "ingest_peak_rss_mb": 300.0},
+    ]
+    summary = memory_scale.summarise(rows)["hmt"]
+    assert summary["growth"] == pytest.approx(1.1) and summary["meets_target"]
+    assert summary["target_checked_at_1M"]
+    assert rows[2]["vs_smallest_hmt"] == pytest.approx(3.0)
+
+
+def test_recall_fp32_patch_keeps_results():
+    from hmt.memory import MemoryRecall
+
+    _, model = tiny_model()
+    model = model.to(torch.bfloat16)
+    x = ids(5 * L)
+    original = MemoryRecall.attend
+    try:
+        with torch.inference_mode():
+            before = model(x, return_logits=False, return_records=True).records
+            memory_scale.patch_recall_fp32()
+            memory_scale.patch_recall_fp32()  # idempotent
+            after = model(x, return_logits=False, return_records=True).records
+    finally:
+        MemoryRecall.attend = original
+    for a, b in zip(before, after, strict=True):
+        assert b.memory.dtype == torch.bfloat16
+        torch.testing.assert_close(a.memory.float(), b.memory.float(), rtol=0.05, atol=0.05)
+
+
+def test_run_all_lists_modules_that_exist():
+    import importlib
+
+    for name in run_all.BENCHMARKS:
+        assert hasattr(importlib.import_module(f"bench.{name}"), "main")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_final_position_backbone_matches_full_pass(family):
+    backbone = tiny_backbone(family)
+    model = HMTModel(backbone, HMTConfig(segment_length=L, sensory_length=K, num_cached=8)).eval()
+    x = torch.randint(0, VOCAB, (2, 3 * L + 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x)
+    mask[1, 2 * L + 3 :] = 0  # right padding in one row
+    trimmed = ingest_speed.final_position_backbone(model)
+    assert trimmed is not None
+    with torch.inference_mode():
+        full = model(x, mask, return_logits=False, return_records=True).records
+        with ingest_speed.patched_run_backbone(model, trimmed):
+            fast = model(x, mask, return_logits=False, return_records=True).records
+    assert "_run_backbone" not in vars(model)
+    for a, b in zip(full, fast, strict=True):
+        torch.testing.assert_close(a.summary, b.summary, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.memory, b.memory, rtol=1e-5, atol=1e-5)
+
+
+def test_final_position_backbone_declines_other_families():
+    model = HMTModel(tiny_backbone("gpt2"), HMTConfig(segment_length=L, sensory_length=K))
+    assert ingest_speed.final_position_backbone(model) is None
