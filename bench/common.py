@@ -247,9 +247,16 @@ def result_path(name: str, out: str | os.PathLike | None = None, quick: bool = F
 
 
 def write_results(
-    name: str, payload: dict[str, Any], out: str | os.PathLike | None = None, quick: bool = False
+    name: str, payload: dict[str, Any], out: str | os.PathLike | None = None, quick: bool | None = None
 ) -> Path:
-    """Write ``payload`` as JSON to :func:`result_path`, atomically (temp file + rename)."""
+    """Write ``payload`` as JSON to :func:`result_path`, atomically (temp file + rename).
+
+    ``quick=None`` reads the flag from ``payload["settings"]["quick"]`` (or ``payload["quick"]``), so
+    every benchmark's smoke run lands in ``<name>_quick.json`` without each script having to say so.
+    """
+    if quick is None:
+        settings = payload.get("settings")
+        quick = bool((settings.get("quick") if isinstance(settings, dict) else None) or payload.get("quick"))
     path = result_path(name, out, quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)

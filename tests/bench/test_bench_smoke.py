@@ -156,3 +156,12 @@ def test_final_position_backbone_matches_full_pass(family):
 def test_final_position_backbone_declines_other_families():
     model = HMTModel(tiny_backbone("gpt2"), HMTConfig(segment_length=L, sensory_length=K))
     assert ingest_speed.final_position_backbone(model) is None
+
+
+def test_quick_results_never_overwrite_full_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert common.write_results("x", {"settings": {"quick": True}}).name == "x_quick.json"
+    assert common.write_results("x", {"quick": True}).name == "x_quick.json"
+    assert common.write_results("x", {"settings": {"quick": False}}).name == "x.json"
+    assert common.write_results("x", {}, quick=True).name == "x_quick.json"
+    assert common.write_results("x", {"quick": True}, tmp_path / "given.json").name == "given.json"
