@@ -105,7 +105,6 @@ def test_eight_concurrent_asks(server):
         own_doc = ingest_text(own, note("metformin"))  # same text -> same id, in the user's own store
         return own.predict(doc_id=own_doc, question=f"Question {i % 2}?", mode="hmt", options="", api_name="/ask")[1]
 
-    start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         records = list(pool.map(ask, range(8)))
     assert len(records) == 8
@@ -115,7 +114,6 @@ def test_eight_concurrent_asks(server):
             assert rec["answer"] == expected["answer"]
             assert [s for s, _ in rec["recall"]] == [s for s, _ in expected["recall"]]
             assert [w for _, w in rec["recall"]] == pytest.approx([w for _, w in expected["recall"]], abs=1e-4)
-    assert time.perf_counter() - start < 60
 
 
 @pytest.mark.parametrize(
