@@ -223,12 +223,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                 ids = torch.from_numpy(chunk).long()[None].to(args.device)
                 records, state = model.read_segments(ids, state)
                 # What a store keeps per segment: small float32 numpy copies; the records go.
-                # np.array copies: in float32, .float() is a no-op and .numpy() of a view would keep the
+                # .copy(): in float32, .float() is a no-op and .numpy() of a view would keep the
                 # whole block's hidden states alive (r.memory is a view of the main pass's output).
                 for r in records:
-                    summaries.append(np.array(r.summary[0].float().cpu()))
-                    memories.append(np.array(r.memory[0].float().cpu()))
-                    keys.append(np.array(r.recall_key[0].float().cpu()))
+                    summaries.append(r.summary[0].float().cpu().numpy().copy())
+                    memories.append(r.memory[0].float().cpu().numpy().copy())
+                    keys.append(r.recall_key[0].float().cpu().numpy().copy())
                 del records, ids
                 done += chunk.shape[0]
                 if done % report_every < chunk.shape[0] and done < n:

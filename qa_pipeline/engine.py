@@ -215,10 +215,12 @@ class Engine:
         with torch.inference_mode():
             for pos in range(0, n_tokens, block):
                 records, state = self.model.read_segments(ids[:, pos : pos + block], state)
+                # .copy(): in float32 .float() is a no-op and a numpy view would keep the segment's whole
+                # hidden states alive (r.memory is a view of the main pass's output).
                 for r in records:
-                    summaries.append(r.summary[0].float().cpu().numpy())
-                    memories.append(r.memory[0].float().cpu().numpy())
-                    keys.append(r.recall_key[0].float().cpu().numpy())
+                    summaries.append(r.summary[0].float().cpu().numpy().copy())
+                    memories.append(r.memory[0].float().cpu().numpy().copy())
+                    keys.append(r.recall_key[0].float().cpu().numpy().copy())
                     segments.append(
                         SegmentInfo(document.doc_id, r.index, r.token_start, r.token_end, 0, 0)
                     )
