@@ -48,7 +48,9 @@ class MemoryRecall(nn.Module):
         # A row with nothing to recall would be all -inf (NaN softmax); give it finite scores, zeroed below.
         scores = torch.where(has_memory[:, None], scores, torch.zeros_like(scores))
         weights = torch.softmax(scores, dim=-1) * has_memory[:, None]
-        recalled = torch.einsum("bn,bnd->bd", weights.to(memories.dtype), memories)
+        # float32, then cast back: on CPU a bf16 (1, n) x (n, d) product caches a ~0.65 MB kernel for
+        # every new n, and n grows by one per segment up to N (~200 MB at N = 300, never freed).
+        recalled = torch.einsum("bn,bnd->bd", weights, memories.float()).to(memories.dtype)
         return recalled, weights, has_memory
 
     def forward(
