@@ -176,16 +176,15 @@ def peak_rss_bytes() -> int:
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     """The shared data folder: the argument, else $HMTQA_DATA_DIR, else ../shared/data; None if absent.
 
-    Same lookup order as ``qa_pipeline.train_data.data_dir``, but a missing folder is not an error:
+    Uses ``qa_pipeline.train_data.data_dir``'s lookup, but a missing folder is not an error:
     throughput does not depend on which tokens are read, so benchmarks fall back to synthetic ids.
     """
-    if explicit:
-        path = Path(explicit)
-    elif os.environ.get("HMTQA_DATA_DIR"):
-        path = Path(os.environ["HMTQA_DATA_DIR"])
-    else:
-        path = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return path if path.is_dir() else None
+    from qa_pipeline.train_data import data_dir as shared_data_dir
+
+    try:
+        return shared_data_dir(explicit)
+    except FileNotFoundError:
+        return None
 
 
 def text_token_ids(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -137,14 +136,13 @@ def sample_loss(model: HMTModel, sample: dict, recall_loss_weight: float = 0.0) 
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     """Optimizer state as safetensors (never pickle)."""
     tensors, meta = {}, {}
-    for i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
+    for pid, st in opt.state_dict()["state"].items():
         for name, value in st.items():
             if torch.is_tensor(value):
                 tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
             else:
                 meta[f"{pid}.{name}"] = str(value)
-        del i
-    save_file(tensors, str(path), metadata={k: v for k, v in meta.items()})
+    save_file(tensors, str(path), metadata=meta)
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
@@ -267,7 +265,3 @@ def _checkpoint(model: HMTModel, opt: torch.optim.Optimizer, path: Path, step: i
     model.save_pretrained(path, save_backbone=cfg.trainable == "all")
     _save_optimizer(opt, path / "optimizer.safetensors")
     (path / "trainer_state.json").write_text(json.dumps({"step": step, "train_config": asdict(cfg)}, indent=2))
-
-
-def perplexity(loss_sum: float, count: int) -> float:
-    return math.exp(loss_sum / max(count, 1))
