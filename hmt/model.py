@@ -310,6 +310,7 @@ class HMTModel(nn.Module):
         memory_state: MemoryState | None = None,
         return_logits: bool = True,
         return_records: bool = False,
+        summary_mask: torch.Tensor | None = None,
     ) -> HMTOutput:
         """Read ``input_ids`` (B, T) segment by segment.
 
@@ -321,6 +322,9 @@ class HMTModel(nn.Module):
             memory_state: continue from an earlier call (streaming); None starts empty.
             return_logits: keep (B, T, V) logits; turn off for long inputs, the loss does not need it.
             return_records: keep a ``SegmentRecord`` per segment.
+            summary_mask: 0 marks tokens the summary pass (the recall query) must not see, e.g. the
+                answer that follows a question in the same segment during training, since at answer
+                time the query is made from the question alone. None: the attention mask.
 
         Returns:
             HMTOutput with loss (mean over labelled tokens), logits, the memory state after the last
@@ -330,7 +334,10 @@ class HMTModel(nn.Module):
         b, t = input_ids.shape
         mask = _ones_if_none(attention_mask, input_ids)
         state = memory_state if memory_state is not None else self.init_memory(b)
-        summaries = self.summarize(input_ids, mask) if cfg.uses_recall else None
+        summaries = None
+        if cfg.uses_recall:
+            seen = mask if summary_mask is None else mask * summary_mask.to(mask.dtype)
+            summaries = self.summarize(input_ids, seen)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         n_label = 0
         logits, records, segment_losses = [], [], []

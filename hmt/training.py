@@ -10,6 +10,9 @@ A sample is a dict of token id lists:
     ``evidence_segments`` (optional) indices of context segments that hold the answer; with
         ``recall_loss_weight`` > 0 the recall weights of the first ``input_ids`` segment are pulled
         towards them (the official code's post-paper retrieval loss).
+    ``query_length`` (optional) how many leading ``input_ids`` tokens are the question: the recall
+        query of the first segment is made from them alone, as it is at answer time, so the answer
+        that follows cannot leak into what is recalled.
 Runs data-parallel under torchrun: each rank reads its own share of the samples and gradients
 are averaged across ranks before every optimizer step.
 """
@@ -57,6 +60,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     out_dir: str = "runs/hmt"
     resume: bool = True
+    max_minutes: float | None = None  # stop (and save) after this much training time, even before ``steps``
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -65,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE} (got {self.trainable!r})")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError("TrainConfig.steps and grad_accum must be >= 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"TrainConfig.max_minutes must be > 0 (got {self.max_minutes!r})")
 
 
 def prepare_model(model: HMTModel, cfg: TrainConfig) -> HMTModel:
@@ -118,7 +124,19 @@ def sample_loss(model: HMTModel, sample: dict, recall_loss_weight: float = 0.0) 
     ids = torch.tensor([sample["input_ids"]], device=device)
     labels = torch.tensor([sample["labels"]], device=device)
     want_records = recall_loss_weight > 0 and bool(sample.get("evidence_segments"))
-    out = model(ids, labels=labels, memory_state=state, return_logits=False, return_records=want_records)
+    summary_mask = None
+    query_length = sample.get("query_length")
+    if query_length is not None and query_length < model.config.segment_length:
+        summary_mask = torch.ones_like(ids)
+        summary_mask[:, query_length : model.config.segment_length] = 0
+    out = model(
+        ids,
+        labels=labels,
+        memory_state=state,
+        return_logits=False,
+        return_records=want_records,
+        summary_mask=summary_mask,
+    )
     loss = out.loss if out.loss is not None else torch.zeros((), device=device)
     stats = {"lm_loss": float(loss.detach()), "tokens": len(sample["input_ids"]) + len(sample.get("context_ids", []))}
     if want_records and out.records[0].recall_weights is not None and out.records[0].recall_weights.numel():
@@ -213,6 +231,9 @@ def train(
     began, last = time.perf_counter(), {}
     cursor = start_step * cfg.grad_accum
     for step in range(start_step, cfg.steps):
+        if cfg.max_minutes is not None and _out_of_time(began, cfg.max_minutes, world, model.device):
+            logger.info("stopping at step %d of %d: max_minutes=%s reached", step, cfg.steps, cfg.max_minutes)
+            break
         t0, tokens, stats_acc = time.perf_counter(), 0, []
         opt.zero_grad(set_to_none=True)
         for _ in range(cfg.grad_accum):
@@ -255,10 +276,25 @@ def train(
                 _checkpoint(model, opt, ckpt, step + 1, cfg)
     if bar is not None:
         bar.close()
+    done = last.get("step", start_step)
     if rank == 0:
-        _checkpoint(model, opt, ckpt, cfg.steps, cfg)
+        _checkpoint(model, opt, ckpt, done, cfg)
     model.eval()
-    return {**last, "wall_s": time.perf_counter() - began, "world_size": world, "samples": len(samples)}
+    return {
+        **last,
+        "wall_s": time.perf_counter() - began,
+        "world_size": world,
+        "samples": len(samples),
+        "stopped_early": done < cfg.steps,
+    }
+
+
+def _out_of_time(began: float, max_minutes: float, world: int, device: torch.device) -> bool:
+    """Whether the time budget is spent; under torchrun rank 0's clock decides for every rank."""
+    spent = torch.tensor([float(time.perf_counter() - began >= max_minutes * 60)], device=device)
+    if world > 1:
+        dist.broadcast(spent, src=0)
+    return bool(spent.item())
 
 
 def _checkpoint(model: HMTModel, opt: torch.optim.Optimizer, path: Path, step: int, cfg: TrainConfig) -> None:

@@ -9,6 +9,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from hmt import HMTConfig, HMTModel, load_backbone
 from hmt.training import TrainConfig, init_distributed, train
 
@@ -31,24 +33,34 @@ class Recipe:
     stage2_steps: int = 200
     stage2_depth: int = 6  # segments per language-model sample in stage 2
     fuse: int = 3  # abstracts per fused PubMedQA training document
+    qa_repeats: int = 1  # fused versions of each training question, each with other distractors and order
     qa_share: float = 0.5  # share of stage-2 samples that are PubMedQA questions
     max_lm_samples: int | None = None
     max_qa_samples: int | None = None
     lr: float = 3e-4
     lr_decay: float = 0.7
+    lr_decay_every: int = 100
     grad_accum: int = 2
     trainable: str = "lora"
     bf16: bool = True
     recall_loss_weight: float = 0.5
     seed: int = 0
     save_every: int = 20  # checkpoint every so many steps; a rerun resumes from it
+    device: str = "auto"  # "auto": the first GPU when there is one, else the CPU
+    max_minutes: float | None = None  # time budget for both stages; stage 2 stops early when it is spent
+
+    def __post_init__(self) -> None:
+        if self.qa_repeats < 1:
+            raise ValueError(f"qa_repeats must be >= 1 (got {self.qa_repeats})")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (got {self.max_minutes})")
 
 
 def run(recipe: Recipe, *, progress: bool = True) -> dict:
     """Train stage 1, then stage 2; save ``out/stage1`` and ``out/final``; return a summary."""
     rank, _ = init_distributed()
     root = data_dir(recipe.data_dir)
-    backbone, tokenizer = load_backbone(recipe.backbone, dtype="float32")
+    backbone, tokenizer = load_backbone(recipe.backbone, dtype="float32", device=_device(recipe.device, rank))
     config = HMTConfig(
         segment_length=recipe.segment_length,
         sensory_length=recipe.sensory_length,
@@ -66,20 +78,29 @@ def run(recipe: Recipe, *, progress: bool = True) -> dict:
     common = dict(
         lr=recipe.lr,
         lr_decay=recipe.lr_decay,
+        lr_decay_every=recipe.lr_decay_every,
         grad_accum=recipe.grad_accum,
         trainable=recipe.trainable,
         bf16=recipe.bf16,
         seed=recipe.seed,
         save_every=recipe.save_every,
     )
-    s1 = TrainConfig(stage=1, steps=recipe.stage1_steps, out_dir=str(out / "stage1-run"), **common)
+    s1 = TrainConfig(
+        stage=1,
+        steps=recipe.stage1_steps,
+        out_dir=str(out / "stage1-run"),
+        max_minutes=_minutes_left(recipe.max_minutes, began),
+        **common,
+    )
     summary1 = train(model, stage1_data, s1, progress=progress)
     if rank == 0:
         model.save_pretrained(out / "stage1")
 
-    qa_rows, _ = pubmedqa_split(root, num_docs=recipe.fuse, seed=recipe.seed)
-    if recipe.max_qa_samples is not None:
-        qa_rows = qa_rows[: recipe.max_qa_samples]
+    qa_rows = []
+    for repeat in range(recipe.qa_repeats):
+        # Seeds far apart so no two repeats share a question's distractor draw.
+        rows, _ = pubmedqa_split(root, num_docs=recipe.fuse, seed=recipe.seed + 100_000 * repeat)
+        qa_rows += rows[: recipe.max_qa_samples] if recipe.max_qa_samples is not None else rows
     qa = qa_samples(qa_rows, tokenizer, segment_length=L)
     lm = lm_samples(train_texts, tokenizer, segment_length=L, depth=recipe.stage2_depth, max_samples=recipe.max_lm_samples)
     stage2_data = _mix(qa, lm, recipe.qa_share, recipe.seed)
@@ -88,6 +109,7 @@ def run(recipe: Recipe, *, progress: bool = True) -> dict:
         steps=recipe.stage2_steps,
         out_dir=str(out / "stage2-run"),
         recall_loss_weight=recipe.recall_loss_weight,
+        max_minutes=_minutes_left(recipe.max_minutes, began),
         **common,
     )
     summary2 = train(model, stage2_data, s2, progress=progress)
@@ -103,6 +125,20 @@ def run(recipe: Recipe, *, progress: bool = True) -> dict:
         model.save_pretrained(out / "final")
         (out / "final" / "training.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _device(name: str, rank: int) -> str:
+    """"auto": this rank's GPU when there is one, else the CPU; anything else as given."""
+    if name != "auto":
+        return name
+    return f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+
+
+def _minutes_left(budget: float | None, began: float) -> float | None:
+    if budget is None:
+        return None
+    # A stage always gets at least a moment, so it saves a checkpoint even when the budget is spent.
+    return max(budget - (time.perf_counter() - began) / 60, 1e-3)
 
 
 def _mix(qa: list[dict], lm: list[dict], qa_share: float, seed: int) -> list[dict]:

@@ -110,6 +110,7 @@ def qa_samples(
                 "context_ids": doc_ids,
                 "input_ids": prompt + target,
                 "labels": [-100] * len(prompt) + target,
+                "query_length": len(prompt),
                 "evidence_segments": evidence,
                 "row_id": row.row_id,
             }

@@ -82,9 +82,37 @@ def test_recall_loss_is_logged(tmp_path):
     assert log["recall_loss"] > 0 and "recall_hit" in log
 
 
+def test_max_minutes_stops_early_and_saves(tmp_path):
+    cfg = TrainConfig(steps=50, lr=1e-2, max_minutes=1e-6, out_dir=str(tmp_path))
+    summary = train(model(), samples(), cfg, progress=False)
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert summary["stopped_early"] and state["step"] < 50
+
+
+def test_answer_does_not_leak_into_the_recall_query():
+    """With query_length, the question segment's recall is what it is at answer time (question only)."""
+    m = model().eval()
+    g = torch.Generator().manual_seed(2)
+    ctx = torch.randint(0, VOCAB, (1, 48), generator=g)
+    question = torch.randint(0, VOCAB, (1, 5), generator=g)
+    answer = torch.randint(0, VOCAB, (1, 6), generator=g)
+    with torch.no_grad():
+        state = m(ctx, return_logits=False).memory_state
+        _, at_answer_time, _ = m.query_recall(question, state)
+        ids = torch.cat([question, answer], dim=1)
+        mask = torch.ones_like(ids)
+        mask[:, 5:] = 0
+        masked = m(ids, memory_state=state, return_records=True, summary_mask=mask).records[0].recall_weights
+        leaked = m(ids, memory_state=state, return_records=True).records[0].recall_weights
+    torch.testing.assert_close(masked, at_answer_time)
+    assert not torch.allclose(leaked, at_answer_time)
+
+
 def test_bad_train_config_names_the_field():
     with pytest.raises(ValueError, match="trainable"):
         TrainConfig(trainable="some")
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_minutes=0)
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")

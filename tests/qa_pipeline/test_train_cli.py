@@ -41,11 +41,14 @@ def test_train_then_eval_on_tiny_model(data_dir, tmp_path, capsys):
     rc = main([
         "train", "--backbone", "tiny-random", "--data-dir", str(data_dir), "--out", str(out),
         "--segment-length", "64", "--sensory-length", "8", "--stage1-steps", "2", "--stage2-steps", "2",
-        "--fuse", "2", "--max-lm-samples", "4", "--max-qa-samples", "4", "--no-bf16", "--json",
+        "--fuse", "2", "--max-lm-samples", "4", "--max-qa-samples", "4", "--qa-repeats", "2", "--no-bf16",
+        "--device", "cpu", "--max-minutes", "30", "--json",
     ])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["stage1"]["step"] == 2 and result["stage2"]["step"] == 2
+    assert not result["stage2"]["stopped_early"]
+    assert result["stage2_samples"]["qa"] == 8  # 4 questions, each fused twice with other distractors
     assert (out / "final" / "hmt.safetensors").is_file() and (out / "final" / "adapter").is_dir()
     assert (out / "stage1" / "config.json").is_file()
     logs = (out / "stage2-run" / "log.jsonl").read_text().splitlines()
@@ -59,6 +62,27 @@ def test_train_then_eval_on_tiny_model(data_dir, tmp_path, capsys):
     table = json.loads(capsys.readouterr().out)["ppl"]
     assert set(table) == {"none", "window", "rmt", "hmt", "full"}
     assert all(v is not None and v > 1 for row in table.values() for v in row.values())
+
+
+def test_qa_repeats_draw_other_distractors(data_dir):
+    from qa_pipeline.train_data import pubmedqa_split
+
+    first, _ = pubmedqa_split(data_dir, num_docs=3, seed=0)
+    again, _ = pubmedqa_split(data_dir, num_docs=3, seed=100_000)
+    assert [r.question for r in first] == [r.question for r in again]
+    assert sum(a.load_document() != b.load_document() for a, b in zip(first, again, strict=True)) > len(first) // 2
+
+
+def test_qa_samples_mark_the_question_for_the_recall_query(data_dir):
+    from hmt import load_backbone
+    from qa_pipeline.train_data import pubmedqa_split, qa_samples
+
+    _, tokenizer = load_backbone("tiny-random")
+    rows, _ = pubmedqa_split(data_dir, num_docs=2)
+    sample = qa_samples(rows[:1], tokenizer, segment_length=64)[0]
+    q = sample["query_length"]
+    assert 0 < q < len(sample["input_ids"])
+    assert set(sample["labels"][:q]) == {-100} and sample["labels"][q] != -100
 
 
 def test_train_without_data_is_a_clear_error(tmp_path, capsys):
