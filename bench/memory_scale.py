@@ -48,7 +48,7 @@ DEFAULT_SIZES = [4096, 16_384, 65_536, 262_144, 1_048_576]
 QUICK_SIZES = [4096, 16_384]
 RESULT_MARK = "MEMORY_SCALE_RESULT "  # prefixes the worker's JSON line on stdout
 MB = 2**20
-HMT_MODES = ("hmt", "hmt-recall-fp32")
+HMT_MODES = ("hmt",)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,14 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=16, help="segments per read_segments call (the engine's default)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per size (default: none)")
     # Internal: run one measurement in this process and print it (the parent starts these).
-    p.add_argument(
-        "--hmt-modes",
-        nargs="+",
-        choices=HMT_MODES,
-        default=["hmt"],
-        help="HMT variants to run at every size: hmt (as is) and/or hmt-recall-fp32 (recall's weighted "
-        "sum in float32, a proposed hmt/memory.py change; see patch_recall_fp32)",
-    )
     p.add_argument("--worker", choices=[*HMT_MODES, "backbone", "backbone-last"], help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -164,28 +156,6 @@ def token_source_name(data_dir_arg: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------- workers
-def patch_recall_fp32() -> None:
-    """Make MemoryRecall form P = sum_i w_i M_i in float32, then cast back (the proposed fix).
-
-    With bfloat16 memories the weighted sum is a bf16 batched matmul of shape (1, n) x (n, d). On CPU
-    (torch 2.13, oneDNN) every new n leaves a cached kernel of ~0.65 MB that is never freed, and n grows
-    by one per segment until the cache holds N memories: ~200 MB for N = 300, reached after N segments.
-    A float32 matmul caches nothing per shape. Wrapping the original keeps everything else identical.
-    """
-    from hmt.memory import MemoryRecall
-
-    original = MemoryRecall.attend
-    if getattr(original, "_fp32_patch", False):
-        return
-
-    def attend(self: Any, query: Any, keys: Any, memories: Any, valid: Any) -> tuple[Any, Any, Any]:
-        recalled, weights, has_memory = original(self, query, keys, memories.float(), valid)
-        return recalled.to(memories.dtype), weights, has_memory
-
-    attend._fp32_patch = True  # type: ignore[attr-defined]
-    MemoryRecall.attend = attend  # type: ignore[method-assign]
-
-
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model, reset the peak counter, ingest ``args.tokens`` tokens, report RSS figures."""
     import torch
@@ -193,8 +163,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from hmt import HMTConfig, HMTModel, load_backbone
 
     apply_threads(args.threads)
-    if args.worker == "hmt-recall-fp32":
-        patch_recall_fp32()
     backbone, tokenizer = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     n = args.tokens
     result: dict[str, Any] = {"mode": args.worker, "tokens": n}
@@ -353,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     # Small sizes first and the backbone before the long HMT runs, so that an interrupted run still
     # leaves the comparison; results are rewritten after every size.
     plan = [("backbone", n) for n in bb_sizes] + [("backbone-last", n) for n in bb_sizes]
-    small = [(m, n) for n in sorted(sizes) if n <= 16_384 for m in args.hmt_modes]
-    plan = small + plan + [(m, n) for n in sorted(sizes) if n > 16_384 for m in args.hmt_modes]
+    small = [(m, n) for n in sorted(sizes) if n <= 16_384 for m in HMT_MODES]
+    plan = small + plan + [(m, n) for n in sorted(sizes) if n > 16_384 for m in HMT_MODES]
     for mode, n in plan:
         print(f"[{NAME}] {mode} {n} tokens ...", flush=True)
         row = run_worker(mode, n, args)
@@ -373,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 "block_segments": args.block,
                 "backbone_position_limit": limit,
                 "backbone_sizes_skipped_over_limit": skipped,
-                "hmt_modes": args.hmt_modes,
+                "hmt_modes": list(HMT_MODES),
                 "token_source": token_source_name(args.data_dir),
                 "quick": args.quick,
                 "planned": [f"{m}:{t}" for m, t in plan],

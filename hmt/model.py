@@ -261,12 +261,9 @@ class HMTModel(nn.Module):
             state = state.push(new_memory, key, seg_valid, state.segments_seen, cfg.num_cached)
             state.carried = carried
         if cfg.uses_sensory:
-            k = cfg.sensory_length
-            ids, msk = seg_ids, seg_mask.long()
-            if state.sensory_ids is not None and ids.shape[1] < k:
-                ids = torch.cat([state.sensory_ids, ids], dim=1)
-                msk = torch.cat([state.sensory_mask, msk], dim=1)
-            state.sensory_ids, state.sensory_mask = ids[:, -k:], msk[:, -k:]
+            state.sensory_ids, state.sensory_mask = _last_valid(
+                state.sensory_ids, state.sensory_mask, seg_ids, seg_mask.long(), cfg.sensory_length
+            )
         state.segments_seen += 1
         state.tokens_seen += seg_ids.shape[1]
         return state, key
@@ -705,3 +702,23 @@ def _pick(
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _last_valid(
+    prev_ids: torch.Tensor | None, prev_mask: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``k`` real tokens of [previous sensory tokens, segment] per row, padding in front.
+
+    A row whose segment is short or all padding (its sequence ended earlier in a right-padded
+    batch) keeps its own last real tokens, exactly as if it had been read alone.
+    """
+    if prev_ids is not None:
+        ids, mask = torch.cat([prev_ids, ids], dim=1), torch.cat([prev_mask, mask], dim=1)
+    if bool(mask.all()):  # the common case: nothing to move
+        return ids[:, -k:], mask[:, -k:]
+    n = ids.shape[1]
+    pos = torch.arange(n, device=ids.device).expand_as(ids)
+    # Stable order with padding first and real tokens last, each in reading order.
+    order = torch.argsort(torch.where(mask.bool(), pos + n, pos), dim=1)[:, -k:]
+    return ids.gather(1, order), mask.gather(1, order)
+

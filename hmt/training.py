@@ -50,7 +50,8 @@ class TrainConfig:
     lr_decay: float = 0.7  # StepLR gamma, applied every ``lr_decay_every`` steps (paper: 0.7-0.9 / 100)
     lr_decay_every: int = 100
     weight_decay: float = 0.0
-    grad_accum: int = 2  # samples per optimizer step (the paper's batch size 2)
+    grad_accum: int = 2  # batches per optimizer step (the paper: batch size 2)
+    batch_size: int = 1  # samples read side by side per forward (right-padded; fills a GPU)
     max_grad_norm: float = 1.0
     trainable: str = "hmt"  # "hmt": HMT parameters only; "lora": LoRA adapters + HMT; "all": everything
     lora_r: int = 8
@@ -67,8 +68,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.stage must be 1 or 2 (got {self.stage!r})")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE} (got {self.trainable!r})")
-        if self.steps < 1 or self.grad_accum < 1:
-            raise ValueError("TrainConfig.steps and grad_accum must be >= 1")
+        if self.steps < 1 or self.grad_accum < 1 or self.batch_size < 1:
+            raise ValueError("TrainConfig.steps, grad_accum and batch_size must be >= 1")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"TrainConfig.max_minutes must be > 0 (got {self.max_minutes!r})")
 
@@ -114,23 +115,44 @@ def init_distributed() -> tuple[int, int]:
     return _dist_info()
 
 
-def sample_loss(model: HMTModel, sample: dict, recall_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Loss of one sample: context read through memory, then the labelled part."""
+def _pad(rows: list[list[int]], value: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (B, T) ids and a 0/1 mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def batch_loss(
+    model: HMTModel, samples: Sequence[dict], recall_loss_weight: float = 0.0
+) -> tuple[torch.Tensor, dict]:
+    """Loss of a batch of samples read side by side (right-padded): contexts through memory, then
+    the labelled parts. The LM loss is the mean over the batch's labelled tokens; the recall loss
+    the mean over the samples that have evidence.
+    """
     device = model.device
+    cfg = model.config
     state = None
-    if sample.get("context_ids"):
-        context = torch.tensor([sample["context_ids"]], device=device)
-        state = model(context, return_logits=False).memory_state
-    ids = torch.tensor([sample["input_ids"]], device=device)
-    labels = torch.tensor([sample["labels"]], device=device)
-    want_records = recall_loss_weight > 0 and bool(sample.get("evidence_segments"))
+    contexts = [s.get("context_ids") or [] for s in samples]
+    if any(contexts):
+        ctx, ctx_mask = _pad(contexts, 0, device)
+        state = model(ctx, attention_mask=ctx_mask, return_logits=False).memory_state
+    ids, mask = _pad([s["input_ids"] for s in samples], 0, device)
+    labels, _ = _pad([s["labels"] for s in samples], -100, device)
     summary_mask = None
-    query_length = sample.get("query_length")
-    if query_length is not None and query_length < model.config.segment_length:
+    if any(s.get("query_length") is not None for s in samples):
         summary_mask = torch.ones_like(ids)
-        summary_mask[:, query_length : model.config.segment_length] = 0
+        for i, s in enumerate(samples):
+            q = s.get("query_length")
+            if q is not None and q < cfg.segment_length:
+                summary_mask[i, q : cfg.segment_length] = 0
+    want_records = recall_loss_weight > 0 and any(s.get("evidence_segments") for s in samples)
     out = model(
         ids,
+        attention_mask=mask,
         labels=labels,
         memory_state=state,
         return_logits=False,
@@ -138,17 +160,51 @@ def sample_loss(model: HMTModel, sample: dict, recall_loss_weight: float = 0.0) 
         summary_mask=summary_mask,
     )
     loss = out.loss if out.loss is not None else torch.zeros((), device=device)
-    stats = {"lm_loss": float(loss.detach()), "tokens": len(sample["input_ids"]) + len(sample.get("context_ids", []))}
-    if want_records and out.records[0].recall_weights is not None and out.records[0].recall_weights.numel():
-        weights = out.records[0].recall_weights[0]  # (n,) recall of the question's segment
-        seg_ids = out.records[0].recall_segment_ids[0]
-        target = torch.isin(seg_ids, torch.tensor(sample["evidence_segments"], device=device)).float()
-        if target.sum() > 0:
-            recall_loss = -(torch.log(weights.clamp_min(1e-9)) * target / target.sum()).sum()
+    stats = {
+        "lm_loss": float(loss.detach()),
+        "tokens": sum(len(s["input_ids"]) + len(s.get("context_ids") or []) for s in samples),
+    }
+    record = out.records[0] if want_records else None
+    if record is not None and record.recall_weights is not None and record.recall_weights.numel():
+        losses, hits = [], []
+        for i, s in enumerate(samples):
+            evidence = s.get("evidence_segments")
+            if not evidence:
+                continue
+            weights = record.recall_weights[i]  # recall of the question's segment, over cached memories
+            valid = state.valid[i] if state is not None else torch.ones_like(weights, dtype=torch.bool)
+            target = torch.isin(record.recall_segment_ids[i], torch.tensor(evidence, device=device))
+            target = (target & valid).float()
+            if target.sum() > 0:
+                losses.append(-(torch.log(weights.clamp_min(1e-9)) * target / target.sum()).sum())
+                hits.append(float(target[weights.masked_fill(~valid, -1).argmax()].item()))
+        if losses:
+            recall_loss = torch.stack(losses).mean()
             loss = loss + recall_loss_weight * recall_loss
             stats["recall_loss"] = float(recall_loss.detach())
-            stats["recall_hit"] = float(target[weights.argmax()].item())
+            stats["recall_hit"] = sum(hits) / len(hits)
     return loss, stats
+
+
+def sample_loss(model: HMTModel, sample: dict, recall_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Loss of one sample: context read through memory, then the labelled part."""
+    return batch_loss(model, [sample], recall_loss_weight)
+
+
+def batches(samples: Sequence[dict], order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Group sample indices into batches of one kind (with or without context), keeping ``order``.
+
+    Mixing a long context-free language-model sample with a short question would mostly pad.
+    """
+    out, pending = [], {True: [], False: []}
+    for i in order:
+        kind = bool(samples[i].get("context_ids"))
+        pending[kind].append(i)
+        if len(pending[kind]) == batch_size:
+            out.append(pending[kind])
+            pending[kind] = []
+    out += [b for b in pending.values() if b]
+    return out
 
 
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
@@ -219,6 +275,7 @@ def train(
     mine = order[rank::world]  # disjoint shares of the data per rank
     if not mine:
         raise ValueError("no training samples for this rank")
+    plan = batches(samples, mine, cfg.batch_size)
     autocast = torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     log_path = out_dir / "log.jsonl"
     if rank == 0:
@@ -237,10 +294,10 @@ def train(
         t0, tokens, stats_acc = time.perf_counter(), 0, []
         opt.zero_grad(set_to_none=True)
         for _ in range(cfg.grad_accum):
-            sample = samples[mine[cursor % len(mine)]]
+            batch = [samples[i] for i in plan[cursor % len(plan)]]
             cursor += 1
             with autocast:
-                loss, stats = sample_loss(model, sample, cfg.recall_loss_weight)
+                loss, stats = batch_loss(model, batch, cfg.recall_loss_weight)
             (loss / cfg.grad_accum).backward()
             tokens += stats["tokens"]
             stats_acc.append(stats)

@@ -41,6 +41,7 @@ class Recipe:
     lr_decay: float = 0.7
     lr_decay_every: int = 100
     grad_accum: int = 2
+    batch_size: int = 1  # samples per forward; raise it on a GPU
     trainable: str = "lora"
     bf16: bool = True
     recall_loss_weight: float = 0.5
@@ -80,6 +81,7 @@ def run(recipe: Recipe, *, progress: bool = True) -> dict:
         lr_decay=recipe.lr_decay,
         lr_decay_every=recipe.lr_decay_every,
         grad_accum=recipe.grad_accum,
+        batch_size=recipe.batch_size,
         trainable=recipe.trainable,
         bf16=recipe.bf16,
         seed=recipe.seed,

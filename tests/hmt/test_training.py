@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hmt import HMTConfig, HMTModel
-from hmt.training import TrainConfig, prepare_model, train
+from hmt.training import TrainConfig, batch_loss, batches, prepare_model, train
 from tests.tiny import VOCAB, tiny_backbone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +106,44 @@ def test_answer_does_not_leak_into_the_recall_query():
         leaked = m(ids, memory_state=state, return_records=True).records[0].recall_weights
     torch.testing.assert_close(masked, at_answer_time)
     assert not torch.allclose(leaked, at_answer_time)
+
+
+def qa_sample(g, context_len, prompt_len, answer_len, evidence):
+    ctx = torch.randint(0, VOCAB, (context_len,), generator=g).tolist()
+    ids = torch.randint(0, VOCAB, (prompt_len + answer_len,), generator=g).tolist()
+    labels = [-100] * prompt_len + ids[prompt_len:]
+    return {"context_ids": ctx, "input_ids": ids, "labels": labels, "query_length": prompt_len,
+            "evidence_segments": evidence}
+
+
+def test_batched_loss_equals_one_sample_at_a_time():
+    """Right-padded batches (contexts of other lengths, padded whole segments) change nothing."""
+    m = prepare_model(model(), TrainConfig(stage=2, out_dir="unused")).eval()
+    g = torch.Generator().manual_seed(3)
+    group = [qa_sample(g, 70, 5, 9, [1]), qa_sample(g, 23, 7, 20, [0]), qa_sample(g, 48, 4, 6, [2])]
+    with torch.no_grad():
+        loss, stats = batch_loss(m, group, recall_loss_weight=1.0)
+        singles = [batch_loss(m, [s], recall_loss_weight=1.0) for s in group]
+    counts = [sum(x != -100 for x in s["labels"][1:]) for s in group]
+    lm = [st["lm_loss"] for _, st in singles]
+    recall = [st["recall_loss"] for _, st in singles]
+    assert stats["lm_loss"] == pytest.approx(sum(a * n for a, n in zip(lm, counts, strict=True)) / sum(counts), rel=1e-4)
+    assert stats["recall_loss"] == pytest.approx(sum(recall) / 3, rel=1e-4)
+    assert stats["recall_hit"] == pytest.approx(sum(st["recall_hit"] for _, st in singles) / 3)
+
+
+def test_batches_keep_kinds_apart():
+    data = [{"input_ids": [1]}, {"context_ids": [1], "input_ids": [1]}, {"input_ids": [1]}, {"context_ids": [2], "input_ids": [1]}, {"input_ids": [3]}]
+    assert batches(data, [0, 1, 2, 3, 4], 2) == [[0, 2], [1, 3], [4]]
+    assert batches(data, [4, 3, 2, 1, 0], 1) == [[4], [3], [2], [1], [0]]
+
+
+def test_batched_training_runs(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    data = [qa_sample(g, 40 + 9 * i, 5, 8, [1]) for i in range(4)] + samples(4)
+    cfg = TrainConfig(steps=2, batch_size=3, recall_loss_weight=1.0, out_dir=str(tmp_path))
+    summary = train(model(), data, cfg, progress=False)
+    assert summary["step"] == 2 and summary["loss"] > 0
 
 
 def test_bad_train_config_names_the_field():
