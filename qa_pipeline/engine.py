@@ -62,6 +62,10 @@ class EngineConfig:
     # the default keeps CPU latency sane.
     full_context_tokens: int = 2048
     max_new_tokens: int = 64
+    # Closed questions: rank options by how much the document raises their likelihood (score with the
+    # document minus score without it) instead of by likelihood alone. A small model's prior for an
+    # option ("yes") otherwise outweighs what the document says.
+    calibrate_options: bool = False
 
 
 @dataclass
@@ -423,7 +427,9 @@ class Engine:
             evidence = [Evidence(-1, 0, window_end, 1.0, text[:300])]
             prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, text[:window_end]))
         recall_s = time.perf_counter() - start
-        answer, scores, first_token_s = self._respond(model, prompt_ids, state, options, max_new_tokens, on_token, start)
+        answer, scores, first_token_s = self._respond(
+            model, prompt_ids, state, options, max_new_tokens, on_token, start, no_document_ids=question_ids
+        )
         total_s = time.perf_counter() - start
         result = Answer(
             doc_id=info.doc_id,
@@ -441,12 +447,16 @@ class Engine:
             store.add_answer(doc_id, question, mode, result.to_json())
         return result
 
-    def _respond(self, model, prompt_ids, state, options, max_new_tokens, on_token, start):
+    def _respond(self, model, prompt_ids, state, options, max_new_tokens, on_token, start, no_document_ids=None):
         """Score the options (closed question) or generate (open question)."""
         with torch.inference_mode():
             if options:
                 option_ids = [self._encode(option_text(o, self.tokenizer))[0] for o in options]
                 totals, _ = model.score_options(prompt_ids, option_ids, state)
+                if self.config.calibrate_options and no_document_ids is not None:
+                    # The same model, the question alone: no memory, no document in the prompt.
+                    prior, _ = model.score_options(no_document_ids, option_ids, None)
+                    totals = totals - prior
                 scores = {o: float(s) for o, s in zip(options, totals.tolist(), strict=True)}
                 return max(scores, key=scores.get), scores, time.perf_counter() - start
             first, new = None, []

@@ -63,6 +63,11 @@ def test_ingest_ask_docs(store, capsys, tmp_path):
     assert ans["answer"] in OPTIONS and set(ans["option_scores"]) == set(OPTIONS)
     assert len(ans["recall"]) == n_segments and "query" not in ans
     assert ans["evidence"] and all(0 <= e["char_start"] < e["char_end"] for e in ans["evidence"])
+    rc, out, err = run(capsys, "ask", "Did metformin help?", "--store", str(store), "--doc", "trial",
+                       "--options", "yes, no,maybe", "--calibrate-options", "--json", *MODEL)
+    assert rc == 0, err
+    calibrated = json.loads(out)["option_scores"]
+    assert calibrated != ans["option_scores"] and set(calibrated) == set(OPTIONS)
 
     for mode in ("hmt", "hmt+retrieval", "dense-rag", "none"):
         rc, out, err = run(capsys, "ask", "Which drug?", "--store", str(store), "--doc", "trial", "--mode", mode, *MODEL)

@@ -173,6 +173,26 @@ def test_closed_question_in_every_mode(engine, doc, ingested, mode):
     assert "query" not in recorded[-1]["answer"]
 
 
+def test_calibrated_options_subtract_the_no_document_score(engine, ingested):
+    """With calibrate_options the ranking is score(option | document) - score(option | question alone)."""
+    store = ingested[0]
+    question = "Did metformin change the outcome?"
+    priors = {}
+    for mode in ANSWER_MODES:
+        raw = engine.ask(store, "trial", question, mode=mode, options=OPTIONS, record=False).option_scores
+        engine.config.calibrate_options = True
+        try:
+            ans = engine.ask(store, "trial", question, mode=mode, options=OPTIONS, record=False)
+        finally:
+            engine.config.calibrate_options = False
+        assert ans.answer == max(ans.option_scores, key=ans.option_scores.get)
+        priors[mode] = {o: raw[o] - ans.option_scores[o] for o in OPTIONS}
+        assert all(math.isfinite(v) and v < 0 for v in priors[mode].values())  # log-likelihoods
+    # The prior depends on the model and the question only, not on the document or the mode's context.
+    for a, b in (("hmt", "hmt+retrieval"), ("dense-rag", "none")):
+        assert priors[a] == pytest.approx(priors[b], abs=1e-4)
+
+
 @pytest.mark.parametrize("mode", ANSWER_MODES)
 def test_open_question_streams_tokens(engine, doc, ingested, mode):
     streamed = []
