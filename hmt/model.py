@@ -584,6 +584,7 @@ class HMTModel(nn.Module):
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
             if meta["has_adapter"]:
                 self.backbone.save_pretrained(tmp / "adapter")
+                _name_adapter_base(tmp / "adapter", self.config.backbone)
             if save_backbone:
                 self._causal_lm().save_pretrained(tmp / "backbone", safe_serialization=True)
             if path.exists():
@@ -721,4 +722,17 @@ def _last_valid(
     # Stable order with padding first and real tokens last, each in reading order.
     order = torch.argsort(torch.where(mask.bool(), pos + n, pos), dim=1)[:, -k:]
     return ids.gather(1, order), mask.gather(1, order)
+
+
+def _name_adapter_base(adapter_dir: Path, backbone: str | None) -> None:
+    """Record the backbone's name, not the local folder it was loaded from, as the adapter's base.
+
+    peft writes the load path (e.g. a cache folder under the trainer's home), which means nothing on
+    another machine; ``from_pretrained`` takes the backbone from the caller or the HMT config anyway.
+    """
+    config_path = adapter_dir / "adapter_config.json"
+    if backbone and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = backbone
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

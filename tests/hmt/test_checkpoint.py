@@ -65,10 +65,12 @@ def test_lora_adapter_round_trip(tmp_path):
     backbone = get_peft_model(
         tiny_backbone(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
-    model = HMTModel(backbone, CFG).eval()
+    model = HMTModel(backbone, CFG.replace(backbone="tiny-random")).eval()
     x = torch.randint(0, VOCAB, (1, 40))
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors").is_file()
+    adapter_config = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "tiny-random"  # a name, not this machine's path
     loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone()).eval()
     with torch.no_grad():
         assert_close(loaded(x).logits, model(x).logits)

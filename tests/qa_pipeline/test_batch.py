@@ -54,7 +54,7 @@ def keys(path: Path) -> Counter:
     return Counter((r["row_id"], r["mode"]) for r in map(json.loads, path.read_text().splitlines()))
 
 
-def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys):
+def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys, monkeypatch):
     data = write_data(tmp_path)
     out = tmp_path / "results.jsonl"
     argv = ["batch", str(data), "--out", str(out), "--modes", ",".join(MODES), *MODEL]
@@ -75,9 +75,13 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys)
     assert sum("ingest" in r for r in records) == 3  # three documents, each read once
     assert (tmp_path / "results-store").is_dir()
 
-    # Rerun: nothing left to do; same metrics, same file.
+    # Rerun: nothing left to do, so no model is loaded; same metrics, same file.
     size = out.stat().st_size
 
+    def no_model(ns):
+        raise AssertionError("a finished batch must not load a model")
+
+    monkeypatch.setattr("qa_pipeline.cli_qa._engine", no_model)
     assert main([*argv, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert out.stat().st_size == size
@@ -96,6 +100,7 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys)
     assert json.loads(capsys.readouterr().out)["metrics"]["hmt"]["n"] == 5
     assert not (tmp_path / "results.jsonl.rank1").exists() and sum(keys(out).values()) == 10
 
+    monkeypatch.undo()  # a new mode needs the model again
     # A new mode on the same output: only the new (row, mode) pairs are answered.
     assert main([*argv[:-len(MODEL)], "--modes", "hmt,none", *MODEL, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
