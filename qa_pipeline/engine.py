@@ -50,7 +50,7 @@ class EngineConfig:
     device: str | None = None
     segment_length: int = 256  # used without a checkpoint (a checkpoint brings its own)
     sensory_length: int = 32
-    num_cached: int = 300
+    num_cached: int | None = None  # memories the recall attends over; None: the checkpoint's (300 without one)
     seed: int = 0
     block_segments: int = 16  # segments fed to the model per streaming step while ingesting
     evidence_k: int = 5  # evidence segments returned with an answer
@@ -124,6 +124,8 @@ class Engine:
         backbone, tokenizer = load_backbone(cfg.backbone, dtype="float32", device=cfg.device)
         if checkpoint:
             model = HMTModel.from_pretrained(checkpoint, backbone=backbone)
+            if cfg.num_cached is not None:  # an answer-time setting: the store keeps every segment
+                model.config = model.config.replace(num_cached=cfg.num_cached)
             checkpoint_id = _checkpoint_id(Path(checkpoint))
         else:
             # Seeded so that every process builds the same untrained memory parameters.
@@ -134,7 +136,7 @@ class Engine:
                 HMTConfig(
                     segment_length=cfg.segment_length,
                     sensory_length=cfg.sensory_length,
-                    num_cached=cfg.num_cached,
+                    num_cached=cfg.num_cached if cfg.num_cached is not None else 300,
                     backbone=cfg.backbone,
                 ),
             )

@@ -444,7 +444,10 @@ class MemoryStore:
         if root.exists() and not root.is_dir():
             raise StoreError(f"{root} is a file, not a memory store folder; use another --store folder")
         if not db_path.exists():
-            if root.is_dir() and any(root.iterdir()):
+            # Another process may be creating this store right now: its database (and SQLite's side
+            # files, then the store's folders) can appear between the check above and this listing.
+            ours = {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", DOCS_DIR, TMP_DIR}
+            if root.is_dir() and any(p.name not in ours for p in root.iterdir()):
                 raise StoreError(
                     f"{root} is not a memory store (it has files but no {DB_NAME}); refusing to write "
                     "into it. Use an empty or new --store folder."

@@ -227,6 +227,20 @@ def test_faiss_top_n_when_the_document_outgrows_the_cache(doc, tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+def test_num_cached_overrides_the_checkpoint(tmp_path):
+    from hmt import HMTConfig, HMTModel, load_backbone
+
+    backbone, _ = load_backbone("tiny-random")
+    HMTModel(backbone, HMTConfig(segment_length=64, sensory_length=8, num_cached=50, backbone="tiny-random")).save_pretrained(
+        tmp_path / "ckpt"
+    )
+    as_saved = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(tmp_path / "ckpt")))
+    smaller = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(tmp_path / "ckpt"), num_cached=4))
+    assert as_saved.model.config.num_cached == 50 and smaller.model.config.num_cached == 4
+    assert smaller.model.config.segment_length == 64
+    assert as_saved.fingerprint == smaller.fingerprint  # stores are shared: N only matters at answer time
+
+
 def test_bad_questions_are_refused_before_any_work(engine, ingested):
     store = ingested[0]
     n = len(store.answers())

@@ -272,6 +272,28 @@ def test_second_instance_sees_writes(tmp_path) -> None:
         assert reader.search(q, k=10) == [] and "a" not in reader
 
 
+def test_many_openers_of_one_new_store_all_succeed(tmp_path) -> None:
+    """Processes (here threads) that create the same new store at once see one store, not an error."""
+    import threading
+
+    def open_it(root: Path, barrier: threading.Barrier, errors: list[str]) -> None:
+        barrier.wait()
+        try:
+            MemoryStore.open(root, fingerprint=FP).close()
+        except Exception as exc:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(exc))
+
+    for attempt in range(10):
+        barrier, errors = threading.Barrier(6), []
+        args = (tmp_path / f"s{attempt}", barrier, errors)
+        threads = [threading.Thread(target=open_it, args=args) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+
+
 def test_fingerprint_mismatch_refused(tmp_path) -> None:
     root = tmp_path / "store"
     MemoryStore.open(root, FP).close()
