@@ -735,4 +735,3 @@ def _name_adapter_base(adapter_dir: Path, backbone: str | None) -> None:
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = backbone
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-

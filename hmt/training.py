@@ -186,11 +186,6 @@ def batch_loss(
     return loss, stats
 
 
-def sample_loss(model: HMTModel, sample: dict, recall_loss_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Loss of one sample: context read through memory, then the labelled part."""
-    return batch_loss(model, [sample], recall_loss_weight)
-
-
 def batches(samples: Sequence[dict], order: Sequence[int], batch_size: int) -> list[list[int]]:
     """Group sample indices into batches of one kind (with or without context), keeping ``order``.
 
