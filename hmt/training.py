@@ -126,6 +126,13 @@ def _pad(rows: list[list[int]], value: int, device: torch.device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
+def close_distributed() -> None:
+    """Leave the torchrun process group: a rank that exits while still in it can abort in gloo's teardown."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def batch_loss(
     model: HMTModel, samples: Sequence[dict], recall_loss_weight: float = 0.0
 ) -> tuple[torch.Tensor, dict]:

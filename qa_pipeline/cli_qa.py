@@ -166,7 +166,7 @@ def _load_rows(spec: str, ns: argparse.Namespace, errors: list[str]) -> list:
 def cmd_batch(ns: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from hmt.training import init_distributed
+    from hmt.training import close_distributed, init_distributed
 
     from .batch import batch_metrics, merge_parts, pending, run_batch
 
@@ -206,6 +206,7 @@ def cmd_batch(ns: argparse.Namespace) -> int:
         raise CLIError(f"batch data is not UTF-8 text: {err}") from err
     except _store_errors() as err:
         raise CLIError(str(err)) from err
+    close_distributed()
     if rank != 0:
         return 0  # rank 0 reports for all ranks
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hmt import HMTConfig, HMTModel, load_backbone
-from hmt.training import TrainConfig, init_distributed, train
+from hmt.training import TrainConfig, close_distributed, init_distributed, train
 
 from .train_data import data_dir, lm_samples, pubmedqa_split, qa_samples, text_splits
 
@@ -126,6 +126,7 @@ def run(recipe: Recipe, *, progress: bool = True) -> dict:
     if rank == 0:
         model.save_pretrained(out / "final")
         (out / "final" / "training.json").write_text(json.dumps(result, indent=2))
+    close_distributed()
     return result
 
 

@@ -107,26 +107,6 @@ def test_memory_scale_token_blocks_and_summary():
     assert rows[2]["vs_smallest_hmt"] == pytest.approx(3.0)
 
 
-def test_recall_fp32_patch_keeps_results():
-    from hmt.memory import MemoryRecall
-
-    _, model = tiny_model()
-    model = model.to(torch.bfloat16)
-    x = ids(5 * L)
-    original = MemoryRecall.attend
-    try:
-        with torch.inference_mode():
-            before = model(x, return_logits=False, return_records=True).records
-            memory_scale.patch_recall_fp32()
-            memory_scale.patch_recall_fp32()  # idempotent
-            after = model(x, return_logits=False, return_records=True).records
-    finally:
-        MemoryRecall.attend = original
-    for a, b in zip(before, after, strict=True):
-        assert b.memory.dtype == torch.bfloat16
-        torch.testing.assert_close(a.memory.float(), b.memory.float(), rtol=0.05, atol=0.05)
-
-
 def test_run_all_lists_modules_that_exist():
     import importlib
 

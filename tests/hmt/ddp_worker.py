@@ -7,7 +7,7 @@ import sys
 import torch
 
 from hmt import HMTConfig, HMTModel
-from hmt.training import TrainConfig, init_distributed, train
+from hmt.training import TrainConfig, close_distributed, init_distributed, train
 from tests.tiny import VOCAB, tiny_backbone
 
 
@@ -37,6 +37,7 @@ def main(out_dir: str) -> None:
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.hmt_parameters())).hexdigest()
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump({"rank": rank, "world": world, "seen": samples.seen, "params": digest}, f)
+    close_distributed()
 
 
 if __name__ == "__main__":

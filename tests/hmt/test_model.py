@@ -295,3 +295,19 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
     kwargs = {"segment_length": 16, "sensory_length": 4, field: value}
     with pytest.raises(ValueError, match=field):
         HMTConfig(**kwargs)
+
+
+def test_recall_of_bf16_memories_is_summed_in_float32():
+    """P = sum_i w_i M_i is formed in float32 and cast back (bf16 products leak kernel caches on CPU)."""
+    from hmt.memory import MemoryRecall
+
+    recall = MemoryRecall(WIDTH, WIDTH)
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(2, WIDTH, generator=g)
+    keys = torch.randn(2, 7, WIDTH, generator=g)
+    memories = torch.randn(2, 7, WIDTH, generator=g).bfloat16()
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    recalled, weights, _ = recall.attend(query, keys, memories, valid)
+    assert recalled.dtype == torch.bfloat16 and weights.dtype == torch.float32
+    expected = torch.einsum("bn,bnd->bd", weights, memories.float()).bfloat16()
+    assert torch.equal(recalled, expected)

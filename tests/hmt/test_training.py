@@ -160,10 +160,11 @@ def test_torchrun_two_ranks_disjoint_data_identical_parameters(tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous (torchrun's port 0 hangs)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run(
+    done = subprocess.run(
         [torchrun, "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1", str(REPO / "tests/hmt/ddp_worker.py"), str(tmp_path)],
-        check=True, env=env, cwd=REPO, timeout=240, capture_output=True,
+        env=env, cwd=REPO, timeout=240, capture_output=True, text=True,
     )
+    assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["seen"] and ranks[1]["seen"]
