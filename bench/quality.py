@@ -9,7 +9,7 @@ Two parts, one model load (the QA engine's HMT model also serves the perplexity 
     X_max + L tokens per text) bounds the time.
 
 (b) question answering: :func:`qa_pipeline.batch.run_batch` -- what ``hmtqa batch`` runs -- over
-    ``--rows`` rows (default 20) of each data set, in all four answer modes side by side:
+    ``--rows`` rows (default 10) of each data set, in all four answer modes side by side:
 
     * fused PubMedQA (``--fuse`` 8 abstracts per document), HELD-OUT rows only:
       ``pubmedqa_split(root, num_docs=8)[1]`` -- the first 400 questions train the checkpoint;
@@ -17,7 +17,7 @@ Two parts, one model load (the QA engine's HMT model also serves the perplexity 
     * Evidence Inference 2.0 (closed three-way questions over clinical-trial articles).
 
     ``--pick spread`` (default) takes rows round-robin over documents (the first question of every
-    document, then the second, ...), so 20 rows cover up to 20 articles instead of the first one or
+    document, then the second, ...), so 10 rows cover up to 10 articles instead of the first one or
     two; ``--pick first`` takes the first rows in file order. Metrics: accuracy and macro-F1 (closed
     questions), exact match and token F1 (open), evidence hit@1 / hit@5 (any of the top-k evidence
     spans overlaps gold evidence), and the median answer latency. Latency is the answer's alone: before
@@ -32,7 +32,7 @@ match; ``--fresh`` starts over. ``--quick`` always starts fresh.
 
 Everything goes to ``bench/results/quality.json``, and the tables are printed as Markdown for the README.
 
-    python -m bench.quality [--quick] [--parts ppl,qa] [--rows 20] [--fresh] [--threads 1]
+    python -m bench.quality [--quick] [--parts ppl,qa] [--rows 10] [--fresh] [--threads 1]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # (b) QA
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"default {','.join(DATASETS)}")
     p.add_argument("--modes", default=",".join(ANSWER_MODES), help="answer modes (default all four)")
-    p.add_argument("--rows", type=int, default=None, help="rows per data set (default 20; --quick: 2)")
+    p.add_argument("--rows", type=int, default=None, help="rows per data set (default 10; --quick: 2)")
     p.add_argument(
         "--pick",
         choices=["spread", "first"],
@@ -111,8 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--full-context-tokens",
         type=int,
-        default=8192,
-        help="window of answer mode 'none' (default 8192: SmolLM2's whole window, the full-context baseline)",
+        default=EngineConfig.full_context_tokens,
+        help="window of answer mode 'none' (default: the engine's, 2048 tokens, which keeps a CPU run "
+        "near half an hour; 8192 is SmolLM2's whole window)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (open questions)")
     p.add_argument(
@@ -129,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.contexts is None:
         args.contexts = "512,1024" if args.quick else "2048,4096,8192,16384,32768"
     if args.rows is None:
-        args.rows = 2 if args.quick else 20
+        args.rows = 2 if args.quick else 10
     args.parts = _csv(args.parts)
     args.contexts = tuple(int(x) for x in _csv(args.contexts))
     args.ppl_modes = tuple(_csv(args.ppl_modes))
