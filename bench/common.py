@@ -263,6 +263,7 @@ def write_results(
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, indent=2, default=_json_default)
             fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read and committed
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
