@@ -275,7 +275,8 @@ def load_text(text: str, *, doc_id: str | None = None, title: str = "", source: 
     """
     if not isinstance(text, str):
         raise DocumentError(f"{source}: expected text as str, got {type(text).__name__}")
-    text = _normalise_newlines(text)
+    # A byte-order mark pasted with the text (copied from a UTF-8-BOM file) is not content: files drop it too.
+    text = _normalise_newlines(text.removeprefix("\ufeff"))
     if not text.strip():
         raise DocumentError(f"{source}: text is empty")
     if doc_id is None:

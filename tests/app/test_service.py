@@ -187,3 +187,8 @@ def test_expired_session_state_removes_the_private_store(service):
     assert session.closed and not session.folder.exists()
     with pytest.raises(AppError, match="expired"):
         session.store(service.engine())
+
+
+def test_pasted_text_title_skips_a_byte_order_mark(service):
+    [doc] = service.load_uploads([], "\ufeff# Warfarin notes\nThe INR rose.")
+    assert doc.title == "Warfarin notes" and not doc.text.startswith("\ufeff")

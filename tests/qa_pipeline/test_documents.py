@@ -719,3 +719,9 @@ def test_documents_from_dataset_errors():
         documents_from_dataset({"train": [{"text": "a"}]})
     with pytest.raises(DocumentError, match="row 0: expected a mapping"):
         documents_from_dataset(["plain string"])
+
+
+def test_pasted_text_drops_a_leading_bom():
+    doc = load_text("\ufeffTitle: A book\r\nText.")
+    assert doc.text == "Title: A book\nText." and doc.doc_id == load_text("Title: A book\nText.").doc_id
+
