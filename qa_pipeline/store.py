@@ -40,6 +40,7 @@ import re
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -223,6 +224,22 @@ def _dumps(obj: Any, what: str) -> str:
         return json.dumps(obj, default=_json_default, sort_keys=True, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _set_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL; returns the journal mode in force.
+
+    Several processes opening one new store at once can be told "database is locked" here without
+    SQLite's busy handler being asked, so wait and retry within the busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _normalise_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -476,7 +493,7 @@ class MemoryStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             # WAL: readers in other processes keep working while one process writes.
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _set_wal(conn)
             if str(mode).lower() != "wal":
                 logger.warning(
                     "SQLite refused WAL mode for %s (got %s); readers may block writers", db_path, mode
