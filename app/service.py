@@ -278,8 +278,10 @@ class QAService:
                 raise AppError(f"The pasted text is over the {limit_text} limit; upload it as a file or shorten it.")
             if "\x00" in text:
                 raise AppError("The pasted text contains NUL bytes; paste plain text.")
-            first_line = text.lstrip("\ufeff").strip().splitlines()[0].strip().lstrip("#").strip()
-            docs.append(load_text(text, title=first_line[:80], source="pasted"))
+            doc = load_text(text, source="pasted")
+            # Titled from the loaded text: load_text has already dropped a byte-order mark.
+            doc.title = doc.text.strip().splitlines()[0].strip().lstrip("#").strip()[:80]
+            docs.append(doc)
         if not docs:
             raise AppError("Nothing to ingest: upload a file or paste some text first.")
         return docs

@@ -430,7 +430,7 @@ class Engine:
             prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, text[:window_end]))
         recall_s = time.perf_counter() - start
         answer, scores, first_token_s = self._respond(
-            model, prompt_ids, state, options, max_new_tokens, on_token, start, no_document_ids=question_ids
+            model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start
         )
         total_s = time.perf_counter() - start
         result = Answer(
@@ -449,15 +449,18 @@ class Engine:
             store.add_answer(doc_id, question, mode, result.to_json())
         return result
 
-    def _respond(self, model, prompt_ids, state, options, max_new_tokens, on_token, start, no_document_ids=None):
-        """Score the options (closed question) or generate (open question)."""
+    def _respond(self, model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start):
+        """Score the options (closed question) or generate (open question).
+
+        ``question_ids`` is the question's prompt without any document: the baseline of calibrated scores.
+        """
         with torch.inference_mode():
             if options:
                 option_ids = [self._encode(option_text(o, self.tokenizer))[0] for o in options]
                 totals, _ = model.score_options(prompt_ids, option_ids, state)
-                if self.config.calibrate_options and no_document_ids is not None:
+                if self.config.calibrate_options:
                     # The same model, the question alone: no memory, no document in the prompt.
-                    prior, _ = model.score_options(no_document_ids, option_ids, None)
+                    prior, _ = model.score_options(question_ids, option_ids, None)
                     totals = totals - prior
                 scores = {o: float(s) for o, s in zip(options, totals.tolist(), strict=True)}
                 return max(scores, key=scores.get), scores, time.perf_counter() - start

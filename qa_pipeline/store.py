@@ -494,7 +494,7 @@ class MemoryStore:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             # WAL: readers in other processes keep working while one process writes.
             mode = _set_wal(conn)
-            if str(mode).lower() != "wal":
+            if mode.lower() != "wal":
                 logger.warning(
                     "SQLite refused WAL mode for %s (got %s); readers may block writers", db_path, mode
                 )
