@@ -1,12 +1,10 @@
-"""Turn free text into HMT's recall query ``q = S_q W_q``, for the memory search box.
+"""Turn free text into HMT's recall query, for the memory search box.
 
 ``Engine.query_vector`` forms the same query ``ask`` uses, so the search ranks segments exactly
 as recall would.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -30,9 +28,10 @@ def query_vector(engine: Engine, text: str) -> np.ndarray:
         raise AppError(f"Search text: {err}") from err
 
 
-def recall_weights(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """HMT's recall softmax over all of a document's memories: softmax(K q / sqrt(d_h))."""
-    scores = keys.astype(np.float64) @ query.astype(np.float64) / math.sqrt(keys.shape[1])
+def recall_weights(keys: np.ndarray, query: np.ndarray, scale: float) -> np.ndarray:
+    """HMT's recall softmax over all of a document's memories: softmax(scale * K q), with the
+    model's own scale (``Engine.recall_scale``)."""
+    scores = keys.astype(np.float64) @ query.astype(np.float64) * scale
     scores -= scores.max()
     weights = np.exp(scores)
     return weights / weights.sum()

@@ -469,7 +469,7 @@ class QAService:
         store, _ = self.resolve(session, doc_id)
         q = query_vector(self.engine(), text)
         keys = store.arrays(doc_id, ["recall_key"])["recall_key"]
-        weights = recall_weights(keys, q)
+        weights = recall_weights(keys, q, self.engine().recall_scale)
         hits = store.search(q, index="recall_key", doc_id=doc_id, k=max(1, min(int(k), len(keys))))
         segments = {s.idx: s for s in store.segments(doc_id)}
         full = store.get_text(doc_id)

@@ -284,12 +284,15 @@ def final_position_backbone(model: HMTModel) -> Callable[..., tuple[torch.Tensor
     and M_n (the trailing P of the main pass). All layers but the last must still run over every
     position (their keys and values feed later layers), but the last layer's query, attention output,
     MLP and the final norm are needed at one position. That saves about one layer in
-    ``num_hidden_layers`` of both passes. Llama-family decoders only (SmolLM2 is one); None otherwise.
+    ``num_hidden_layers`` of both passes. Llama-family decoders with the paper's recall only (SmolLM2 is
+    one; recall "content" pools every position of the last layer); None otherwise.
     Returns hidden states of the usual shape whose positions other than the last are that same vector,
     which ``read_segments`` never reads.
     """
     from torch.nn import Identity, ModuleList
 
+    if model.config.recall != "paper":
+        return None
     decoder = model._decoder()
     layers = getattr(decoder, "layers", None)
     needed = ("rotary_emb", "norm")

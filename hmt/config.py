@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("hmt", "rmt", "window", "none")
+RECALLS = ("content", "paper")
 
 
 @dataclass
@@ -26,6 +27,12 @@ class HMTConfig:
     # "window": each segment also sees the previous k tokens, no memory (sliding-window baseline);
     # "none": independent segments.
     mode: str = "hmt"
+    # How memories are recalled. "paper": eqs. 2-3 as published, query S_n W_q (S_n = the summary pass's
+    # output at its trailing T), keys M_n W_k, scale 1/sqrt(d_h). "content": query and key are mean-pooled
+    # last-layer states (over the summary pass's tokens, and over the segment's tokens in the main pass)
+    # through W_q, W_k with bias, L2-normalised, times a learned scale; the value recalled stays M_n.
+    # One position's state barely tells segments apart (see docs/recall.md); pooled states do.
+    recall: str = "content"
     # False gives the paper's training stage 1 (memory token carried forward, sensory memory, no recall).
     use_recall: bool = True
     # Truncated BPTT: gradients cross at most this many segment boundaries; None = full BPTT.
@@ -67,6 +74,7 @@ class HMTConfig:
             "must be None or an int >= 1",
         )
         need(self.mode in MODES, "mode", f"must be one of {MODES}")
+        need(self.recall in RECALLS, "recall", f"must be one of {RECALLS}")
         need(isinstance(self.use_recall, bool), "use_recall", "must be a bool")
         need(
             self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 1),

@@ -6,29 +6,69 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class MemoryRecall(nn.Module):
-    """Memory search (paper eqs. 2-3): P = softmax((S W_q)(C W_k)^T / sqrt(d_h)) C.
+    """Memory search: P = softmax(scale * q K^T) C, a convex combination of cached memories C.
 
     Cross-attention without value or output projection, so P stays a convex combination of cached
-    memories. The scale is 1/sqrt(d_h) in training and generation alike (the official code divides
-    by d_h for wide models in training only).
+    memories. Two kinds (``HMTConfig.recall``):
+
+    - ``"paper"`` (eqs. 2-3): q = S W_q, K = M W_k, scale 1/sqrt(d_h), in training and generation
+      alike (the official code divides by d_h for wide models in training only).
+    - ``"content"``: q = norm(S W_q + b_q), K = norm(C W_k + b_k) with S and C mean-pooled states of
+      the query's and the segment's tokens, scale = exp(log_scale) learned; scores are cosines times
+      the scale, so FAISS inner-product search over K ranks exactly as recall does. W_q, W_k start
+      as the identity (when d_h = d): untrained, recall is the cosine of pooled states.
     """
 
-    def __init__(self, hidden_size: int, recall_dim: int) -> None:
+    def __init__(self, hidden_size: int, recall_dim: int, kind: str = "paper") -> None:
         super().__init__()
+        self.kind = kind
         self.recall_dim = recall_dim
-        self.w_q = nn.Linear(hidden_size, recall_dim, bias=False)
-        self.w_k = nn.Linear(hidden_size, recall_dim, bias=False)
+        content = kind == "content"
+        self.w_q = nn.Linear(hidden_size, recall_dim, bias=content)
+        self.w_k = nn.Linear(hidden_size, recall_dim, bias=content)
+        if content:
+            with torch.no_grad():
+                for lin in (self.w_q, self.w_k):
+                    if recall_dim == hidden_size:
+                        lin.weight.copy_(torch.eye(hidden_size))
+                    lin.bias.zero_()
+            # Cosines lie in [-1, 1]: a scale of ~20 lets softmax pick one segment among hundreds.
+            self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
+
+    def parameter_dict(self) -> dict[str, nn.Parameter]:
+        """The recall parameters by checkpoint name."""
+        params = {"recall.w_q.weight": self.w_q.weight, "recall.w_k.weight": self.w_k.weight}
+        if self.kind == "content":
+            params.update(
+                {
+                    "recall.w_q.bias": self.w_q.bias,
+                    "recall.w_k.bias": self.w_k.bias,
+                    "recall.log_scale": self.log_scale,
+                }
+            )
+        return params
 
     def keys(self, memories: torch.Tensor) -> torch.Tensor:
-        """Recall keys K = M W_k, computed once per memory when it enters the cache."""
-        return self.w_k(memories)
+        """Recall keys, computed once per memory when it enters the cache.
+
+        ``memories`` is M_n in kind "paper" and the segment's pooled content C_n in kind "content".
+        """
+        keys = self.w_k(memories)
+        return F.normalize(keys.float(), dim=-1).to(keys.dtype) if self.kind == "content" else keys
 
     def queries(self, summaries: torch.Tensor) -> torch.Tensor:
-        return self.w_q(summaries)
+        queries = self.w_q(summaries)
+        return F.normalize(queries.float(), dim=-1).to(queries.dtype) if self.kind == "content" else queries
+
+    def scale(self) -> torch.Tensor | float:
+        if self.kind == "content":
+            return self.log_scale.float().exp()
+        return 1.0 / math.sqrt(self.recall_dim)
 
     def attend(
         self,
@@ -42,7 +82,7 @@ class MemoryRecall(nn.Module):
         Rows with no valid memory get zero weights and ``has_memory`` False; the caller then uses
         the learned initial memory instead.
         """
-        scores = torch.einsum("bh,bnh->bn", query.float(), keys.float()) / math.sqrt(self.recall_dim)
+        scores = torch.einsum("bh,bnh->bn", query.float(), keys.float()) * self.scale()
         scores = scores.masked_fill(~valid, float("-inf"))
         has_memory = valid.any(dim=1)
         # A row with nothing to recall would be all -inf (NaN softmax); give it finite scores, zeroed below.

@@ -5,6 +5,9 @@ Per segment n with token ids x_n (paper section 3, eqs. 1-5):
   2. P_n = softmax((S_n W_q)(C W_k)^T / sqrt(d_h)) C    recall over the cache C of the last N memories
   3. H   = BBM([P_n, E(last k ids of x_{n-1}), E(x_n), P_n])
   4. logits from the x_n positions; M_n = H[-1] is pushed into C (FIFO).
+With ``HMTConfig.recall="content"`` (the default) steps 1-2 read pooled states instead: S_n is the
+mean of the summary pass's states over x_n[:j], and each memory's key is made from the mean of H over
+the x_n positions; the value recalled is still M_n (see ``MemoryRecall``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class SegmentRecord:
     token_end: int
     summary: torch.Tensor | None  # (B, d) S_n; None when the mode has no recall
     memory: torch.Tensor | None  # (B, d) M_n; None in modes window/none
-    recall_key: torch.Tensor | None  # (B, d_h) M_n W_k
+    recall_key: torch.Tensor | None  # (B, d_h) the key M_n is recalled by
+    content: torch.Tensor | None  # (B, d) mean of H over the segment's tokens (keys of recall "content")
     recall_weights: torch.Tensor | None  # (B, n) float32 weights over the cache before this segment
     recall_segment_ids: torch.Tensor | None  # (B, n) which segment wrote each recalled memory
     valid: torch.Tensor  # (B,) bool: the sequence had tokens in this segment
@@ -69,6 +73,7 @@ class _DecodeState:
     past: object = None
     mask: torch.Tensor | None = None  # (B, len) attention mask of everything in ``past``
     segment_ids: list[torch.Tensor] = field(default_factory=list)  # (B,) token ids of this segment
+    content_sum: torch.Tensor | None = None  # (B, d) float32 sum of the segment tokens' last-layer states
 
 
 class HMTModel(nn.Module):
@@ -93,7 +98,7 @@ class HMTModel(nn.Module):
         # Both prompts start on the scale of real token embeddings (as in the paper's code).
         self.summary_prompt = nn.Parameter(torch.randn(1, self.hidden_size) * std)  # T
         self.memory_init = nn.Parameter(torch.randn(1, self.hidden_size) * std)  # M_init
-        self.recall = MemoryRecall(self.hidden_size, self.recall_dim)
+        self.recall = MemoryRecall(self.hidden_size, self.recall_dim, config.recall)
         self.summary_prompt.data = self.summary_prompt.data.to(weight)
         self.memory_init.data = self.memory_init.data.to(weight)
         self.recall.to(device=weight.device, dtype=weight.dtype)
@@ -145,7 +150,7 @@ class HMTModel(nn.Module):
 
     def hmt_parameters(self) -> list[nn.Parameter]:
         """The parameters HMT adds to the backbone."""
-        return [self.summary_prompt, self.memory_init, self.recall.w_q.weight, self.recall.w_k.weight]
+        return list(self.hmt_state_dict().values())
 
     # ------------------------------------------------------------------ memory state
     def init_memory(self, batch_size: int = 1) -> MemoryState:
@@ -194,6 +199,10 @@ class HMTModel(nn.Module):
         ids = F.pad(input_ids, (0, n * cfg.segment_length - t)).view(b, n, cfg.segment_length)[:, :, :j]
         msk = F.pad(mask, (0, n * cfg.segment_length - t)).view(b, n, cfg.segment_length)[:, :, :j]
         ids, msk = ids.reshape(b * n, -1), msk.reshape(b * n, -1)
+        # Drop trailing columns that are padding in every row (a short question would otherwise be
+        # read as j positions).
+        width = int(msk.any(dim=0).nonzero().max()) + 1 if bool(msk.any()) else 1
+        ids, msk = ids[:, :width], msk[:, :width]
         out = []
         for start in range(0, b * n, cfg.summary_batch_size):
             out.append(
@@ -209,6 +218,8 @@ class HMTModel(nn.Module):
         embeds = torch.cat([prompt, self._embed(ids), prompt], dim=1)  # (rows, j + 2, d)
         one = mask.new_ones(rows, 1)
         hidden, _ = self._run_backbone(embeds, torch.cat([one, mask, one], dim=1))
+        if self.config.recall == "content":
+            return _masked_mean(hidden[:, 1:-1], mask)
         return hidden[:, -1]  # output at the trailing T
 
     # ------------------------------------------------------------------ one segment (eqs. 2-5)
@@ -246,14 +257,16 @@ class HMTModel(nn.Module):
         seg_ids: torch.Tensor,
         seg_mask: torch.Tensor,
         new_memory: torch.Tensor | None,
+        content: torch.Tensor | None = None,
     ) -> tuple[MemoryState, torch.Tensor | None]:
-        """State after a segment: push M_n, carry it (rmt / stage 1), keep the last k ids."""
+        """State after a segment: push M_n (recalled by the key of ``content`` in recall "content"),
+        carry it (rmt / stage 1), keep the last k ids."""
         cfg = self.config
         state = dataclasses.replace(state, extra=dict(state.extra))  # never mutate the caller's state
         seg_valid = seg_mask.bool().any(dim=1)
         key = None
         if new_memory is not None:
-            key = self.recall.keys(new_memory)
+            key = self.recall.keys(content if self.config.recall == "content" else new_memory)
             prev = (
                 state.carried if state.carried is not None else self.memory_init.expand(state.batch_size, -1)
             )
@@ -283,8 +296,9 @@ class HMTModel(nn.Module):
             masks.append(masks[0])
         hidden, _ = self._run_backbone(torch.cat(parts, dim=1), torch.cat(masks, dim=1))
         new_memory = hidden[:, -1] if memory_token is not None else None
+        content = _masked_mean(hidden[:, offset : offset + length], seg_mask) if memory_token is not None else None
         index, start = state.segments_seen, state.tokens_seen
-        state, key = self._advance(state, seg_ids, seg_mask, new_memory)
+        state, key = self._advance(state, seg_ids, seg_mask, new_memory, content)
         record = SegmentRecord(
             index=index,
             token_start=start,
@@ -292,6 +306,7 @@ class HMTModel(nn.Module):
             summary=summary,
             memory=new_memory,
             recall_key=key,
+            content=content,
             recall_weights=weights,
             recall_segment_ids=recall_ids,
             valid=seg_mask.bool().any(dim=1),
@@ -308,6 +323,8 @@ class HMTModel(nn.Module):
         return_logits: bool = True,
         return_records: bool = False,
         summary_mask: torch.Tensor | None = None,
+        query_ids: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
     ) -> HMTOutput:
         """Read ``input_ids`` (B, T) segment by segment.
 
@@ -322,6 +339,8 @@ class HMTModel(nn.Module):
             summary_mask: 0 marks tokens the summary pass (the recall query) must not see, e.g. the
                 answer that follows a question in the same segment during training, since at answer
                 time the query is made from the question alone. None: the attention mask.
+            query_ids, query_mask: (B, q) tokens that make the first segment's recall query instead of
+                its own first tokens, e.g. the question alone before its chat prompt and answer.
 
         Returns:
             HMTOutput with loss (mean over labelled tokens), logits, the memory state after the last
@@ -335,6 +354,10 @@ class HMTModel(nn.Module):
         if cfg.uses_recall:
             seen = mask if summary_mask is None else mask * summary_mask.to(mask.dtype)
             summaries = self.summarize(input_ids, seen)
+            if query_ids is not None:
+                j = cfg.summary_length
+                first = self.summarize(query_ids[:, :j], None if query_mask is None else query_mask[:, :j])[:, 0]
+                summaries = torch.cat([first[:, None], summaries[:, 1:]], dim=1)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         n_label = 0
         logits, records, segment_losses = [], [], []
@@ -389,7 +412,9 @@ class HMTModel(nn.Module):
     def _open_segment(
         self, state: MemoryState, query_ids: torch.Tensor
     ) -> tuple[torch.Tensor | None, list, list]:
-        """P for a new segment whose first tokens are ``query_ids``, plus the prefix before it."""
+        """P for a new segment recalled by ``query_ids`` (its first tokens, or the question alone),
+        plus the prefix before it."""
+        query_ids = query_ids[:, : self.config.summary_length]
         summary = self.summarize(query_ids)[:, 0] if self.config.uses_recall else None
         memory_token, _ = self._memory_token(summary, state)
         parts, masks = self._prefix(memory_token, state)
@@ -397,27 +422,35 @@ class HMTModel(nn.Module):
 
     @torch.no_grad()
     def query_recall(
-        self, input_ids: torch.Tensor, memory_state: MemoryState
+        self,
+        input_ids: torch.Tensor,
+        memory_state: MemoryState,
+        query_ids: torch.Tensor | None = None,
+        whole_prompt: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """What a question (the next segment) recalls: (S_q (B, d), weights (B, n), segment ids (B, n)).
 
         Weights and ids are None in modes without recall. Long questions are read through memory
-        first, as ``generate`` does.
+        first, as ``generate`` does (unless ``whole_prompt``); ``query_ids`` as in ``generate``.
         """
-        state, tail = self._split_prompt(input_ids, _clone_state(memory_state))
-        summary = self.summarize(tail)[:, 0]
+        state, tail = self._split_prompt(input_ids, _clone_state(memory_state), whole_prompt)
+        summary = self.summarize((tail if query_ids is None else query_ids)[:, : self.config.summary_length])[:, 0]
         if not self.config.uses_recall:
             return summary, None, None
         _, weights = self._memory_token(summary, state)
         return summary, weights, state.segment_ids
 
     def _split_prompt(
-        self, input_ids: torch.Tensor, memory_state: MemoryState | None
+        self, input_ids: torch.Tensor, memory_state: MemoryState | None, whole_prompt: bool = False
     ) -> tuple[MemoryState, torch.Tensor]:
-        """Read all whole segments but the last through memory; return the state and the tail."""
+        """Read all whole segments but the last through memory; return the state and the tail.
+
+        ``whole_prompt`` keeps the whole prompt as the tail: one answering segment wider than L (the
+        backbone's window is the limit), e.g. recalled passages given as text beside the question.
+        """
         L = self.config.segment_length
         state = memory_state if memory_state is not None else self.init_memory(input_ids.shape[0])
-        head = (input_ids.shape[1] - 1) // L * L
+        head = 0 if whole_prompt else (input_ids.shape[1] - 1) // L * L
         if head:
             _, state = self.read_segments(input_ids[:, :head], state)
         return state, input_ids[:, head:]
@@ -428,6 +461,8 @@ class HMTModel(nn.Module):
         input_ids: torch.Tensor,
         options: list[torch.Tensor],
         memory_state: MemoryState | None = None,
+        query_ids: torch.Tensor | None = None,
+        whole_prompt: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-likelihood of each option continuing the prompt (closed questions).
 
@@ -435,6 +470,7 @@ class HMTModel(nn.Module):
             input_ids: (1, T) prompt ids; earlier segments are read through memory.
             options: 1-D id tensors, one per option.
             memory_state: memory of the document read before the prompt.
+            query_ids, whole_prompt: as in ``iter_generate``.
 
         Returns:
             (sum of log-probabilities (n_options,), number of option tokens (n_options,)).
@@ -443,8 +479,8 @@ class HMTModel(nn.Module):
             raise ValueError("score_options takes one prompt at a time (batch size 1)")
         if not options or any(o.numel() == 0 for o in options):
             raise ValueError("score_options needs at least one non-empty option")
-        state, tail = self._split_prompt(input_ids, _clone_state(memory_state))
-        memory_token, parts, masks = self._open_segment(state, tail)
+        state, tail = self._split_prompt(input_ids, _clone_state(memory_state), whole_prompt)
+        memory_token, parts, masks = self._open_segment(state, tail if query_ids is None else query_ids)
         prefix = torch.cat(parts + [self._embed(tail)], dim=1) if parts else self._embed(tail)
         prefix_mask = torch.cat(masks + [torch.ones_like(tail)], dim=1)
         n, width = len(options), max(o.numel() for o in options)
@@ -472,6 +508,8 @@ class HMTModel(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        query_ids: torch.Tensor | None = None,
+        whole_prompt: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield new token ids (B,) one step at a time.
 
@@ -481,38 +519,46 @@ class HMTModel(nn.Module):
         the cache) and a new segment opens with a fresh KV cache, so answers can be any length.
         For a generated segment the recall query is the summary of the closing segment's last j
         tokens: its own first tokens do not exist yet.
+
+        ``query_ids`` (B, q), when given, make the answering segment's recall query instead of the
+        prompt's tail (the question alone, as in training); ``whole_prompt`` opens one answering
+        segment with the whole prompt, however long, instead of reading its head through memory.
         """
         if max_new_tokens <= 0:
             return
         cfg = self.config
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
-        state, tail = self._split_prompt(input_ids, _clone_state(memory_state))
+        state, tail = self._split_prompt(input_ids, _clone_state(memory_state), whole_prompt)
         b = input_ids.shape[0]
-        memory_token, parts, masks = self._open_segment(state, tail)
+        memory_token, parts, masks = self._open_segment(state, tail if query_ids is None else query_ids)
         dec = _DecodeState(mask=torch.zeros(b, 0, dtype=torch.long, device=self.device))
         dec.segment_ids = list(tail.unbind(dim=1))
         prompt_mask = torch.cat(masks + [torch.ones_like(tail)], dim=1)
-        hidden = self._feed(dec, torch.cat(parts + [self._embed(tail)], dim=1), prompt_mask)
+        hidden = self._feed(dec, torch.cat(parts + [self._embed(tail)], dim=1), prompt_mask, tail.shape[1])
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        # A whole-prompt segment may be wider than L; its answer still gets L tokens before it closes.
+        limit = tail.shape[1] + cfg.segment_length if whole_prompt else cfg.segment_length
         for _ in range(max_new_tokens):
             next_ids = _pick(self._lm_head(hidden).float(), do_sample, temperature, top_p, generator)
             yield next_ids
             finished |= torch.isin(next_ids, eos)
             if bool(finished.all()):
                 return
-            if len(dec.segment_ids) >= cfg.segment_length:
+            if len(dec.segment_ids) >= limit:
                 memory_token, dec, state = self._close_and_open(dec, memory_token, state)
+                limit = cfg.segment_length
             dec.segment_ids.append(next_ids)
-            hidden = self._feed(dec, self._embed(next_ids[:, None]))
+            hidden = self._feed(dec, self._embed(next_ids[:, None]), counted=1)
 
     def _close_and_open(
         self, dec: _DecodeState, memory_token: torch.Tensor | None, state: MemoryState
     ) -> tuple[torch.Tensor | None, _DecodeState, MemoryState]:
         """Finish the generated segment (M_n from its trailing P) and open the next one."""
         seg_ids = torch.stack(dec.segment_ids, dim=1)
+        content = dec.content_sum / max(1, seg_ids.shape[1]) if dec.content_sum is not None else None
         new_memory = self._feed(dec, memory_token[:, None]) if memory_token is not None else None
-        state, _ = self._advance(state, seg_ids, torch.ones_like(seg_ids), new_memory)
+        state, _ = self._advance(state, seg_ids, torch.ones_like(seg_ids), new_memory, content)
         query = seg_ids[:, -self.config.summary_length :]
         memory_token, parts, masks = self._open_segment(state, query)
         fresh = _DecodeState(mask=torch.zeros(seg_ids.shape[0], 0, dtype=torch.long, device=self.device))
@@ -521,15 +567,22 @@ class HMTModel(nn.Module):
         return memory_token, fresh, state
 
     def _feed(
-        self, dec: _DecodeState, embeds: torch.Tensor, mask: torch.Tensor | None = None
+        self, dec: _DecodeState, embeds: torch.Tensor, mask: torch.Tensor | None = None, counted: int = 0
     ) -> torch.Tensor:
-        """Append embeddings to the KV cache; return the last position's hidden state (B, d)."""
+        """Append embeddings to the KV cache; return the last position's hidden state (B, d).
+
+        The states of the last ``counted`` positions (segment tokens) are summed into
+        ``dec.content_sum``: a generated segment's pooled content, as the main pass pools it.
+        """
         b, t, _ = embeds.shape
         mask = mask if mask is not None else torch.ones(b, t, dtype=torch.long, device=self.device)
         start = dec.mask.long().sum(dim=1, keepdim=True)
         positions = start + (mask.cumsum(-1) - 1).clamp(min=0)
         dec.mask = torch.cat([dec.mask, mask.long()], dim=1)
         hidden, dec.past = self._run_backbone(embeds, dec.mask, positions, past=dec.past, use_cache=True)
+        if counted:
+            part = hidden[:, -counted:].float().sum(dim=1)
+            dec.content_sum = part if dec.content_sum is None else dec.content_sum + part
         return hidden[:, -1]
 
     @torch.no_grad()
@@ -544,11 +597,22 @@ class HMTModel(nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         streamer: Callable[[torch.Tensor], None] | None = None,
+        query_ids: torch.Tensor | None = None,
+        whole_prompt: bool = False,
     ) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` after ``input_ids``; returns only the new ids (B, n)."""
         steps = []
         for ids in self.iter_generate(
-            input_ids, max_new_tokens, memory_state, eos_token_id, do_sample, temperature, top_p, generator
+            input_ids,
+            max_new_tokens,
+            memory_state,
+            eos_token_id,
+            do_sample,
+            temperature,
+            top_p,
+            generator,
+            query_ids=query_ids,
+            whole_prompt=whole_prompt,
         ):
             steps.append(ids)
             if streamer is not None:
@@ -602,8 +666,7 @@ class HMTModel(nn.Module):
         return {
             "summary_prompt": self.summary_prompt,
             "memory_init": self.memory_init,
-            "recall.w_q.weight": self.recall.w_q.weight,
-            "recall.w_k.weight": self.recall.w_k.weight,
+            **self.recall.parameter_dict(),
         }
 
     def load_hmt_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -651,7 +714,8 @@ class HMTModel(nn.Module):
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} is not an HMT checkpoint (no {CONFIG_NAME})")
         meta = json.loads((path / CONFIG_NAME).read_text())
-        config = HMTConfig.from_dict({**meta["hmt_config"], **config_overrides})
+        # Checkpoints written before recall kinds existed used the paper's recall.
+        config = HMTConfig.from_dict({"recall": "paper", **meta["hmt_config"], **config_overrides})
         tokenizer = None
         if backbone is None:
             source = str(path / "backbone") if meta.get("has_backbone") else meta.get("backbone")
@@ -680,6 +744,13 @@ class HMTModel(nn.Module):
 def _backbone_name(backbone: PreTrainedModel) -> str | None:
     cfg = getattr(backbone, "config", None)
     return getattr(cfg, "hmt_backbone_name", None) or getattr(cfg, "_name_or_path", None) or None
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where ``mask`` is 1: (B, t, d) -> (B, d), in float32 then cast back."""
+    weights = mask.to(torch.float32)[..., None]
+    pooled = (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    return pooled.to(hidden.dtype)
 
 
 def _ones_if_none(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:

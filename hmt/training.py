@@ -95,8 +95,8 @@ def prepare_model(model: HMTModel, cfg: TrainConfig) -> HMTModel:
     for p in model.hmt_parameters():
         p.requires_grad_(True)
     if cfg.stage == 1:
-        # No recall in stage 1: W_q, W_k and T get no gradient, so they do not train.
-        for p in (model.summary_prompt, model.recall.w_q.weight, model.recall.w_k.weight):
+        # No recall in stage 1: the recall parameters and T get no gradient, so they do not train.
+        for p in (model.summary_prompt, *model.recall.parameter_dict().values()):
             p.requires_grad_(False)
     return model
 
@@ -156,6 +156,10 @@ def batch_loss(
             q = s.get("query_length")
             if q is not None and q < cfg.segment_length:
                 summary_mask[i, q : cfg.segment_length] = 0
+    query_ids = query_mask = None
+    if any(s.get("query_ids") for s in samples):
+        # The recall query of the question segment: the question alone, as at answer time.
+        query_ids, query_mask = _pad([s.get("query_ids") or s["input_ids"][:1] for s in samples], 0, device)
     want_records = recall_loss_weight > 0 and any(s.get("evidence_segments") for s in samples)
     out = model(
         ids,
@@ -165,6 +169,8 @@ def batch_loss(
         return_logits=False,
         return_records=want_records,
         summary_mask=summary_mask,
+        query_ids=query_ids,
+        query_mask=query_mask,
     )
     loss = out.loss if out.loss is not None else torch.zeros((), device=device)
     stats = {

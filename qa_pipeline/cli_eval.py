@@ -1,4 +1,4 @@
-"""``hmtqa eval ppl | qa``: the numbers in the model card, from held-out data only."""
+"""``hmtqa eval ppl | qa | recall``: the numbers in the model card, from held-out data only."""
 
 from __future__ import annotations
 
@@ -69,10 +69,72 @@ def cmd_qa(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recall(ns: argparse.Namespace) -> int:
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from .cli_qa import _engine, _store_errors
+    from .dense import DenseModelNotFoundError
+    from .recall_eval import METHODS, SETS, format_recall, run_recall_eval
+    from .train_data import data_dir
+
+    sets = [s.strip() for s in ns.sets.split(",") if s.strip()]
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    bad = [s for s in sets if s not in SETS] + [m for m in methods if m not in METHODS]
+    if bad or not sets:
+        raise CLIError(
+            f"unknown set(s) or method(s) {bad or [ns.sets]}; sets: {', '.join(SETS)}; methods: {', '.join(METHODS)}"
+        )
+    for flag, value in (("--limit-docs", ns.limit_docs), ("--limit-questions", ns.limit_questions)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be >= 1")
+    tmp = None
+    try:
+        root = data_dir(ns.data_dir)
+        engine = _engine(ns)
+        if ns.store:
+            store_dir = ns.store
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="hmtqa-recall-")
+            store_dir = tmp.name
+        store = engine.open_store(store_dir)
+        bars: dict[str, tqdm] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if ns.json:
+                return
+            bar = bars.get(name)
+            if bar is None:
+                bar = bars[name] = tqdm(total=total, desc=name, unit="q", file=sys.stderr)
+            bar.update(done - bar.n)
+
+        try:
+            result = run_recall_eval(
+                engine, root, store, sets=sets, limit_docs=ns.limit_docs, limit_questions=ns.limit_questions,
+                methods=methods, details=ns.details, progress=progress,
+            )
+        finally:
+            for bar in bars.values():
+                bar.close()
+            store.close()
+    except (*_store_errors(), DenseModelNotFoundError) as err:
+        raise CLIError(str(err)) from err
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    result.update({"checkpoint": ns.checkpoint, "backbone": ns.backbone, "dtype": ns.dtype,
+                   "store": ns.store})
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(result, indent=2, default=str))
+    emit(result, ns.json, lambda: format_recall(result))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from .cli_qa import _engine_args
 
-    p = sub.add_parser("eval", help="evaluate on held-out data: perplexity by context, PubMedQA")
+    p = sub.add_parser("eval", help="evaluate on held-out data: perplexity by context, PubMedQA, segment recall")
     evsub = p.add_subparsers(dest="what", required=True)
 
     q = evsub.add_parser("ppl", help="perplexity of the segment after X tokens, per mode (held-out text)")
@@ -101,3 +163,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     _engine_args(q)
     q.set_defaults(func=cmd_qa)
+
+    q = evsub.add_parser(
+        "recall",
+        help="memory recall vs dense and BM25 on HMT segments: hit@1, hit@5, MRR, with chance",
+        description="Rank each document's HMT segments for each question by the model's recall, by "
+        "MiniLM cosine and by BM25; a segment is gold when it overlaps gold evidence. COVID-QA and "
+        "Evidence Inference: eval half of the articles only (stable hash of the article id).",
+    )
+    q.add_argument("--data-dir", help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)")
+    q.add_argument("--sets", default="pubmedqa-8,pubmedqa-32,covidqa,evidence-inference",
+                   help="comma-separated data sets")
+    q.add_argument("--methods", default="hmt,dense,bm25", help="comma-separated, from hmt, dense, bm25")
+    q.add_argument("--limit-docs", type=int, default=40, help="max documents per set (file order)")
+    q.add_argument("--limit-questions", type=int, default=100,
+                   help="max questions per set, dealt round-robin over those documents")
+    q.add_argument("--store", help="memory store folder to reuse/fill (default: a temporary one)")
+    q.add_argument("--details", action="store_true", help="per-question rankings in the JSON ('questions')")
+    q.add_argument("--out", help="write the JSON result here too")
+    q.add_argument("--json", action="store_true")
+    _engine_args(q)
+    q.set_defaults(func=cmd_recall)

@@ -159,6 +159,12 @@ class Engine:
             "dtype": str(m.dtype).replace("torch.", ""),
         }
 
+    @property
+    def recall_scale(self) -> float:
+        """Recall's logits are this times the inner product of a query and a stored key."""
+        with torch.no_grad():
+            return float(self.model.recall.scale())
+
     def open_store(self, path: str | Path, *, create: bool = True) -> MemoryStore:
         """Open (``create``: or make) the store at ``path`` for this model; another model's store is refused."""
         return MemoryStore.open(path, fingerprint=self.fingerprint, create=create)
@@ -308,14 +314,20 @@ class Engine:
             self._doc_arrays.move_to_end(key)
             return self._doc_arrays[key]
 
+    def _recall_ids(self, question: str) -> torch.Tensor:
+        """The recall query's tokens: the question text alone, as in training (not the chat prompt
+        around it, whose fixed header and suffix made every question's query nearly the same)."""
+        return self._encode(question.strip())[:, : self.model.config.summary_length]
+
     def _encode(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
-    def _query(self, question_ids: torch.Tensor) -> np.ndarray:
-        """q = S_q W_q for a prompt: the vector whose inner products with recall keys are the recall logits."""
+    def _query(self, recall_ids: torch.Tensor) -> np.ndarray:
+        """The recall query of a question: its inner products with the stored recall keys rank
+        segments exactly as the model's recall does (the logits, up to the recall's scale)."""
         with torch.inference_mode():
-            summary = self.model.summarize(question_ids)[:, 0]
+            summary = self.model.summarize(recall_ids)[:, 0]
             return self.model.recall.queries(summary)[0].float().cpu().numpy()
 
     def query_vector(self, question: str, options: list[str] | None = None) -> np.ndarray:
@@ -333,9 +345,9 @@ class Engine:
                 f"the question is {ids.shape[1]} tokens with its prompt; the limit is one segment "
                 f"({self.model.config.segment_length} tokens). Shorten it."
             )
-        return self._query(ids)
+        return self._query(self._recall_ids(question))
 
-    def _memory_for(self, store: MemoryStore, doc_id: str, question_ids: torch.Tensor, version: tuple = ()):
+    def _memory_for(self, store: MemoryStore, doc_id: str, recall_ids: torch.Tensor, version: tuple = ()):
         """Rebuild the document's memory for this question: FAISS top-N recall keys + sensory tokens.
 
         With N >= the document's segments this is exactly the cache HMT held after reading it; past
@@ -344,7 +356,7 @@ class Engine:
         model = self.model
         arrays = self._arrays(store, doc_id, version)
         n = arrays["memory"].shape[0]
-        query = self._query(question_ids)
+        query = self._query(recall_ids)
         if n > model.config.num_cached:
             hits = store.search(query, index="recall_key", doc_id=doc_id, k=model.config.num_cached)
             chosen = np.sort(np.array([idx for _, idx, _ in hits], dtype=np.int64))
@@ -359,9 +371,26 @@ class Engine:
         if sensory.numel():
             state.sensory_ids, state.sensory_mask = sensory, torch.ones_like(sensory)
         state.segments_seen = n
-        _, weights, seg_ids = model.query_recall(question_ids, state)
+        _, weights, seg_ids = model.query_recall(recall_ids, state, query_ids=recall_ids)
         recall = sorted(zip(seg_ids[0].tolist(), weights[0].tolist(), strict=True))
         return state, recall, query.tolist()
+
+    def recall(self, store: MemoryStore, doc_id: str, question: str) -> list[tuple[int, float]]:
+        """The model's recall for ``question`` over document ``doc_id``: (segment, weight) by segment.
+
+        Exactly the recall ``ask`` uses in modes hmt and hmt+retrieval (its evidence is the top of it).
+
+        Raises:
+            QAError: empty question; UnknownDocument: no such document.
+        """
+        question = (question or "").strip()
+        if not question:
+            raise QAError("the question is empty")
+        self.check_store(store)
+        info = store.get_document(doc_id)
+        version = (info.created_at, info.n_tokens, info.n_segments)
+        _, recall, _ = self._memory_for(store, doc_id, self._recall_ids(question), version)
+        return recall
 
     def ask(
         self,
@@ -406,10 +435,13 @@ class Engine:
         version = (info.created_at, info.n_tokens, info.n_segments, len(text))
         recall, query, state, evidence = [], None, None, []
         model, prompt_ids = self.model, question_ids
+        recall_ids = self._recall_ids(question)
         if mode in ("hmt", "hmt+retrieval"):
-            state, recall, query = self._memory_for(store, doc_id, question_ids, version)
+            state, recall, query = self._memory_for(store, doc_id, recall_ids, version)
             evidence = self._segment_evidence(store, doc_id, text, recall, self.config.evidence_k)
             if mode == "hmt+retrieval":
+                # The passages the recall chose go in as text, in the answering segment itself (wider
+                # than L), so the memory token that answers is recalled by the same query.
                 context = self._context(text, evidence[: self.config.retrieval_segments])
                 prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, context))
         elif mode == "dense-rag":
@@ -430,7 +462,8 @@ class Engine:
             prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, text[:window_end]))
         recall_s = time.perf_counter() - start
         answer, scores, first_token_s = self._respond(
-            model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start
+            model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start,
+            recall_ids if model is self.model else None,
         )
         total_s = time.perf_counter() - start
         result = Answer(
@@ -449,15 +482,17 @@ class Engine:
             store.add_answer(doc_id, question, mode, result.to_json())
         return result
 
-    def _respond(self, model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start):
+    def _respond(self, model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start, recall_ids):
         """Score the options (closed question) or generate (open question).
 
         ``question_ids`` is the question's prompt without any document: the baseline of calibrated scores.
+        ``recall_ids`` (HMT modes) make the recall query; the whole prompt is one answering segment.
         """
+        memory_kw = {"query_ids": recall_ids, "whole_prompt": True} if recall_ids is not None else {}
         with torch.inference_mode():
             if options:
                 option_ids = [self._encode(option_text(o, self.tokenizer))[0] for o in options]
-                totals, _ = model.score_options(prompt_ids, option_ids, state)
+                totals, _ = model.score_options(prompt_ids, option_ids, state, **memory_kw)
                 if self.config.calibrate_options:
                     # The same model, the question alone: no memory, no document in the prompt.
                     prior, _ = model.score_options(question_ids, option_ids, None)
@@ -470,6 +505,7 @@ class Engine:
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens,
                 memory_state=state,
                 eos_token_id=self.tokenizer.eos_token_id,
+                **memory_kw,
             ):
                 first = first if first is not None else time.perf_counter() - start
                 if int(step[0]) == self.tokenizer.eos_token_id:

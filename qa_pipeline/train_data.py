@@ -111,6 +111,8 @@ def qa_samples(
                 "input_ids": prompt + target,
                 "labels": [-100] * len(prompt) + target,
                 "query_length": len(prompt),
+                # The recall query: the question text alone (Engine._recall_ids makes the same one).
+                "query_ids": tokenizer(row.question.strip(), add_special_tokens=False).input_ids[:segment_length],
                 "evidence_segments": evidence,
                 "row_id": row.row_id,
             }

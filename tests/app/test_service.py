@@ -46,7 +46,7 @@ def test_ingest_ask_and_memory_views(service):
     # The search box encodes text exactly as a question is encoded, so its query is the answer's.
     q = query_vector(service.engine(), "What was the INR?")
     np.testing.assert_allclose(q, np.asarray(answer.query), rtol=1e-5, atol=1e-5)
-    weights = recall_weights(view.recall_key, q)
+    weights = recall_weights(view.recall_key, q, service.engine().recall_scale)
     np.testing.assert_allclose(weights, [w for _, w in answer.recall], atol=2e-3)
     hits = service.search(session, doc_id, "What was the INR?", k=10)
     assert [h["segment"] for h in hits] == list(np.argsort(-weights, kind="stable"))

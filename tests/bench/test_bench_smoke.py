@@ -117,7 +117,9 @@ def test_run_all_lists_modules_that_exist():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_final_position_backbone_matches_full_pass(family):
     backbone = tiny_backbone(family)
-    model = HMTModel(backbone, HMTConfig(segment_length=L, sensory_length=K, num_cached=8)).eval()
+    # Only the paper's recall reads one position per pass; recall "content" pools every position.
+    model = HMTModel(backbone, HMTConfig(segment_length=L, sensory_length=K, num_cached=8, recall="paper")).eval()
+    assert ingest_speed.final_position_backbone(HMTModel(backbone, HMTConfig(segment_length=L, sensory_length=K))) is None
     x = torch.randint(0, VOCAB, (2, 3 * L + 5), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(x)
     mask[1, 2 * L + 3 :] = 0  # right padding in one row

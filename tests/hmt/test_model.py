@@ -57,7 +57,7 @@ def test_memory_carries_information_past_sensory_window(mode, carries):
 
 
 def test_recall_matches_independent_softmax():
-    model = make("hmt")
+    model = make("hmt", recall="paper")
     d_h = model.recall_dim
     cache = torch.randn(1, 5, WIDTH)
     summary = torch.randn(1, WIDTH)
@@ -119,14 +119,16 @@ def test_truncated_bptt_stops_gradient():
     assert truncated.memory_init.grad is None or truncated.memory_init.grad.abs().sum() == 0
 
 
-def test_new_parameter_count():
+@pytest.mark.parametrize("recall", ["paper", "content"])
+def test_new_parameter_count(recall):
     for recall_dim in (None, 32):
         model = HMTModel(
-            tiny_backbone(), HMTConfig(segment_length=L, sensory_length=K, recall_dim=recall_dim)
+            tiny_backbone(), HMTConfig(segment_length=L, sensory_length=K, recall_dim=recall_dim, recall=recall)
         )
         d, d_h = WIDTH, recall_dim or WIDTH
         new = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.backbone.parameters())
-        assert new == 2 * d + 2 * d * d_h
+        # The paper's 2d + 2 d d_h; recall "content" adds the biases of W_q and W_k and the scale.
+        assert new == 2 * d + 2 * d * d_h + (2 * d_h + 1 if recall == "content" else 0)
         assert sum(p.numel() for p in model.hmt_parameters()) == new
 
 

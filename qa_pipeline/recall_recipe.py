@@ -1,0 +1,147 @@
+"""``hmtqa train-recall``: give a checkpoint recall "content" and train its recall head on cached features.
+
+Steps: load the base checkpoint (backbone, LoRA adapter, T, M_init); switch its recall to "content"
+(W_q = W_k = identity, centred); read the training documents and queries through it once (features
+cached under ``OUT/features``); fit the head with InfoNCE (``hmt.recall_head``); save ``OUT/final``.
+Minutes on a CPU, since the backbone's passes are done once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from hmt import HMTModel, load_backbone, resolve_dtype
+from hmt.recall_head import fit_recall_head, rank_metrics
+
+from .recall_data import RecallFeatures, extract_features, training_docs
+from .train_data import data_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecallRecipe:
+    """Everything ``hmtqa train-recall`` needs; each field is a flag of the same name."""
+
+    base: str = "default"  # checkpoint whose backbone, adapter, T and M_init are kept
+    backbone: str = "smollm2-135m-instruct"
+    data_dir: str | None = None
+    out: str = "runs/recall"
+    plos_docs: int = 30  # PLOS articles read for inverse-cloze queries
+    cloze_per_1k: float = 1.0  # cloze queries per 1,000 characters of each training document
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # pull towards the centred identity start
+    val_share: float = 0.1  # documents kept out of the fit, to report the fit's own held-out numbers
+    dtype: str = "bfloat16"  # of the feature pass (the dtype answers are made in)
+    seed: int = 0
+
+
+def content_model(base: HMTModel) -> HMTModel:
+    """A model with ``base``'s backbone, T and M_init, and an untrained recall "content" head."""
+    model = HMTModel(base.backbone, base.config.replace(recall="content"))
+    with torch.no_grad():
+        model.summary_prompt.copy_(base.summary_prompt)
+        model.memory_init.copy_(base.memory_init)
+    return model.to(dtype=base.dtype)
+
+
+def _load_base(recipe: RecallRecipe) -> tuple[HMTModel, object, Path | None]:
+    backbone, tokenizer = load_backbone(recipe.backbone, dtype="float32")
+    if recipe.base.lower() == "none":
+        from hmt import HMTConfig
+
+        return HMTModel(backbone, HMTConfig(backbone=recipe.backbone)), tokenizer, None
+    from .engine import DEFAULT_CHECKPOINT
+
+    path = DEFAULT_CHECKPOINT if recipe.base == "default" else Path(recipe.base)
+    return HMTModel.from_pretrained(path, backbone=backbone), tokenizer, path
+
+
+def _split(features: RecallFeatures, val_share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Query rows of the fit and of its validation, split by document group."""
+    groups = sorted(set(features.query_doc.tolist()))
+    random.Random(seed).shuffle(groups)
+    val_groups = set(groups[: round(len(groups) * val_share)])
+    fit = [i for i, g in enumerate(features.query_doc.tolist()) if g not in val_groups]
+    val = [i for i, g in enumerate(features.query_doc.tolist()) if g in val_groups]
+    return fit, val
+
+
+def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
+    """Train and save; returns the summary written to ``OUT/final/recall_training.json``."""
+    began = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    out = Path(recipe.out)
+    base, tokenizer, base_path = _load_base(recipe)
+    model = content_model(base).to(dtype=resolve_dtype(recipe.dtype)).eval()
+    cache = out / "features"
+    if (cache / "features.npz").is_file():
+        features = RecallFeatures.load(cache)
+        extract_s = 0.0
+    else:
+        docs = training_docs(data_dir(recipe.data_dir), plos_docs=recipe.plos_docs,
+                             cloze_per_1k=recipe.cloze_per_1k, seed=recipe.seed)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(docs), desc="reading documents", unit="doc")
+        t0 = time.perf_counter()
+        features = extract_features(model, tokenizer, docs, progress=(lambda i, n: bar.update(1)) if bar else None)
+        extract_s = time.perf_counter() - t0
+        if bar:
+            bar.close()
+        features.save(cache)
+    fit_rows, val_rows = _split(features, recipe.val_share, recipe.seed)
+    all_examples = features.examples()
+    fit, val = all_examples.subset(fit_rows), all_examples.subset(val_rows)
+    head = model.recall.float()
+    before = rank_metrics(head, val)
+    t0 = time.perf_counter()
+    log = fit_recall_head(head, fit, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                          weight_decay=recipe.weight_decay, seed=recipe.seed)
+    fit_s = time.perf_counter() - t0
+    after = rank_metrics(head, val)
+    after_questions = rank_metrics(head, _kind_subset(all_examples, features, val_rows, "question"))
+    summary = {
+        "recipe": asdict(recipe),
+        "base_checkpoint": str(base_path) if base_path else None,
+        "queries": {kind: features.query_kind.count(kind) for kind in sorted(set(features.query_kind))},
+        "segments": int(features.contents.shape[0]),
+        "groups": len(features.groups),
+        "fit_queries": len(fit_rows),
+        "val_queries": len(val_rows),
+        "val_before": before,
+        "val_after": after,
+        "val_after_questions": after_questions,
+        "log": log,
+        "extract_s": extract_s,
+        "fit_s": fit_s,
+        "total_s": time.perf_counter() - began,
+    }
+    model.recall.to(dtype=model.dtype)
+    final = out / "final"
+    model.save_pretrained(final)
+    if base_path is not None and (base_path / "adapter").is_dir():
+        # The adapter was folded into the backbone at load; the checkpoint keeps the base's unchanged.
+        shutil.copytree(base_path / "adapter", final / "adapter")
+        meta = json.loads((final / "config.json").read_text())
+        meta["has_adapter"] = True
+        (final / "config.json").write_text(json.dumps(meta, indent=2))
+    (final / "recall_training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _kind_subset(examples, features: RecallFeatures, rows: list[int], kind: str):
+    picked = [i for i in rows if features.query_kind[i] == kind]
+    return examples.subset(picked)
