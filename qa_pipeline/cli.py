@@ -72,6 +72,26 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_recall(ns: argparse.Namespace) -> int:
+    from .recall_recipe import RecallRecipe, run
+
+    try:
+        recipe = dataclass_from_args(RecallRecipe, ns)
+        result = run(recipe, progress=not ns.json)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    emit(
+        {k: v for k, v in result.items() if k != "log"},
+        ns.json,
+        lambda: (
+            f"recall head trained in {result['total_s'] / 60:.1f} min on {result['fit_queries']} queries; "
+            f"held-out queries hit@1 {result['val_before']['hit@1']:.3f} -> {result['val_after']['hit@1']:.3f}; "
+            f"checkpoint: {recipe.out}/final"
+        ),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hmtqa", description="Question answering over long biomedical documents with HMT memory."
@@ -85,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, Recipe)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train)
+
+    from .recall_recipe import RecallRecipe
+
+    p = sub.add_parser(
+        "train-recall", help="give a checkpoint recall 'content' and train its recall head on cached features"
+    )
+    add_dataclass_args(p, RecallRecipe)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train_recall)
 
     from . import cli_eval, cli_qa, cli_serve  # each module registers its own subcommands
 

@@ -340,3 +340,60 @@ def test_chunked_tokenization_matches_whole_text(engine):
     ids, starts = engine._tokenize_document(text, chunk_chars=500)
     assert ids.tolist() == whole.input_ids
     assert starts.tolist() == [o[0] for o in whole.offset_mapping]
+
+
+# ---------------------------------------------------------------------------------------------- recall
+
+
+def test_stored_recall_keys_equal_a_fresh_forward_pass(engine, doc, ingested):
+    """Ingestion streams blocks and stores numpy arrays; the keys must be the model's over the whole text."""
+    import torch
+
+    store = ingested[0]
+    ids = torch.tensor([engine.tokenizer(doc.text, add_special_tokens=False).input_ids])
+    with torch.inference_mode():
+        records = engine.model(ids, return_logits=False, return_records=True).records
+    stored = store.arrays("trial", ["recall_key", "memory"])
+    fresh_keys = np.stack([r.recall_key[0].float().numpy() for r in records])
+    fresh_memory = np.stack([r.memory[0].float().numpy() for r in records])
+    np.testing.assert_allclose(stored["recall_key"], fresh_keys, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stored["memory"], fresh_memory, rtol=1e-4, atol=1e-4)
+    # Recall "content" keys are unit vectors: FAISS inner products are the recall's cosines.
+    np.testing.assert_allclose(np.linalg.norm(stored["recall_key"], axis=1), 1.0, rtol=5e-3)  # bf16
+
+
+def test_recall_is_made_from_the_question_alone(engine, ingested):
+    """The chat prompt around a question (and its options) must not change what it recalls."""
+    store = ingested[0]
+    open_q = engine.ask(store, "trial", "Which drug was used?", mode="hmt", max_new_tokens=1, record=False)
+    closed_q = engine.ask(store, "trial", "Which drug was used?", mode="hmt", options=OPTIONS, record=False)
+    def weights(recall):
+        return [w for _, w in recall]
+
+    assert [s for s, _ in open_q.recall] == [s for s, _ in closed_q.recall]
+    assert weights(open_q.recall) == pytest.approx(weights(closed_q.recall))
+    assert weights(engine.recall(store, "trial", "Which drug was used?")) == pytest.approx(weights(open_q.recall))
+    other = engine.recall(store, "trial", "What was the p value in arm Q?")
+    assert weights(other) != pytest.approx(weights(open_q.recall), abs=1e-3)
+
+
+def test_retrieval_mode_answers_from_the_passages_its_recall_chose(engine, doc, ingested, monkeypatch):
+    """hmt+retrieval: the top recalled segments go into one answering segment, recalled by the same query."""
+    store = ingested[0]
+    seen = {}
+    original = engine.model.score_options
+
+    def spy(prompt_ids, options, state, **kw):
+        seen["prompt"] = engine.tokenizer.decode(prompt_ids[0])
+        seen["kw"] = kw
+        return original(prompt_ids, options, state, **kw)
+
+    monkeypatch.setattr(engine.model, "score_options", spy)
+    ans = engine.ask(store, "trial", "Did metformin change the outcome?", mode="hmt+retrieval", options=OPTIONS, record=False)
+    assert seen["kw"]["whole_prompt"] is True
+    assert engine.tokenizer.decode(seen["kw"]["query_ids"][0]) == "Did metformin change the outcome?"
+    top = sorted(ans.recall, key=lambda r: -r[1])[: engine.config.retrieval_segments]
+    assert [e.segment for e in ans.evidence[: len(top)]] == [s for s, _ in top]
+    for e in ans.evidence[: engine.config.retrieval_segments]:
+        assert doc.text[e.char_start : e.char_end].strip()[:200] in seen["prompt"]
+    assert len(engine.tokenizer(seen["prompt"]).input_ids) > engine.model.config.segment_length
