@@ -1,6 +1,6 @@
 """Quality of the committed checkpoint: perplexity by context length, and QA on three biomedical sets.
 
-Two parts, one model load (the QA engine's HMT model also serves the perplexity pass):
+Three parts, one model load (the QA engine's HMT model also serves the perplexity pass):
 
 (a) perplexity: :func:`qa_pipeline.evaluate.ppl_by_context` -- the same function ``hmtqa eval ppl``
     runs -- on the held-out part of WikiText-2 and the PG-19 book (the training recipe never reads it),
@@ -24,6 +24,10 @@ Two parts, one model load (the QA engine's HMT model also serves the perplexity 
     a document's questions, its HMT memories (ingestion) and its MiniLM index (for dense-rag) are built,
     and both costs are reported apart, as a deployment would index a document before questions come.
 
+(c) recall: :func:`qa_pipeline.recall_eval.run_recall_eval` -- what ``hmtqa eval recall`` runs -- on
+    the held-out sets: hit@1, hit@5 and MRR of HMT's recall, the dense retriever and BM25 over the same
+    HMT segments, beside chance (``--recall-docs`` documents and ``--recall-questions`` questions per set).
+
 Answers and the memory store go to ``--work-dir`` (default ``bench/results/quality-work/``), in a
 subfolder named after the model (backbone, checkpoint hash, dtype, window of mode ``none``, answer
 length), so answers of different models never mix. A run resumes there: rows already answered are
@@ -32,7 +36,7 @@ match; ``--fresh`` starts over. ``--quick`` always starts fresh.
 
 Everything goes to ``bench/results/quality.json``, and the tables are printed as Markdown for the README.
 
-    python -m bench.quality [--quick] [--parts ppl,qa] [--rows 10] [--fresh] [--threads 1]
+    python -m bench.quality [--quick] [--parts ppl,qa,recall] [--rows 10] [--fresh] [--threads 1]
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "error if it is missing) or 'none' (untrained memory). Default 'default'; --quick: none",
     )
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--parts", default="ppl,qa", help="what to run: ppl, qa or both (default ppl,qa)")
+    p.add_argument("--parts", default="ppl,qa,recall", help="what to run: ppl, qa, recall (default all three)")
     # (a) perplexity
     p.add_argument("--contexts", default=None, help="X values (default 2048,...,32768; --quick: 512,1024)")
     p.add_argument("--ppl-modes", default=",".join(PPL_MODES), help=f"default {','.join(PPL_MODES)}")
@@ -121,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(RESULTS_DIR / "quality-work"),
         help="answers (JSONL) and the memory store; resumable",
     )
+    # (c) recall
+    p.add_argument("--recall-sets", default="pubmedqa-8,pubmedqa-32,covidqa,evidence-inference")
+    p.add_argument("--recall-docs", type=int, default=None, help="documents per recall set (default 20; --quick: 2)")
+    p.add_argument("--recall-questions", type=int, default=100, help="questions per recall set (default 100)")
     p.add_argument("--fresh", action="store_true", help="discard earlier answers of the same model first")
     args = p.parse_args(argv)
     if args.backbone is None:
@@ -131,13 +139,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.contexts = "512,1024" if args.quick else "2048,4096,8192,16384,32768"
     if args.rows is None:
         args.rows = 2 if args.quick else 10
+    if args.recall_docs is None:
+        args.recall_docs = 2 if args.quick else 20
+    args.recall_sets = _csv(args.recall_sets)
     args.parts = _csv(args.parts)
     args.contexts = tuple(int(x) for x in _csv(args.contexts))
     args.ppl_modes = tuple(_csv(args.ppl_modes))
     args.datasets = _csv(args.datasets)
     args.modes = tuple(_csv(args.modes))
     for name, values, allowed in (
-        ("--parts", args.parts, ("ppl", "qa")),
+        ("--parts", args.parts, ("ppl", "qa", "recall")),
         ("--ppl-modes", args.ppl_modes, PPL_MODES),
         ("--datasets", args.datasets, DATASETS),
         ("--modes", args.modes, ANSWER_MODES),
@@ -419,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.perf_counter() - start:.1f} s; work folder {folder}"
     )
     timings: dict[str, float] = {}
-    ppl = qa = None
+    ppl = qa = recall = None
     markdown: dict[str, str] = {}
     if "ppl" in args.parts:
         t = time.perf_counter()
@@ -432,6 +443,17 @@ def main(argv: list[str] | None = None) -> int:
         timings["qa_s"] = time.perf_counter() - t
         markdown["qa_headline"] = headline_markdown(qa, args.modes)
         markdown["qa"] = qa_markdown(qa, args.modes)
+    if "recall" in args.parts:
+        from qa_pipeline.recall_eval import recall_markdown, run_recall_eval
+
+        t = time.perf_counter()
+        store = engine.open_store(folder / "recall-store")
+        recall = run_recall_eval(
+            engine, root, store, sets=args.recall_sets, limit_docs=args.recall_docs,
+            limit_questions=args.recall_questions,
+        )
+        timings["recall_s"] = time.perf_counter() - t
+        markdown["recall"] = recall_markdown(recall)
     timings["total_s"] = time.perf_counter() - start
 
     model_line = (
@@ -443,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         ("ppl", "Perplexity"),
         ("qa_headline", "QA, modes side by side"),
         ("qa", "QA, all metrics"),
+        ("recall", "Recall of the gold segment (HMT segments; chance = random ranking)"),
     ):
         if key in markdown:
             print(f"\n### {title}\n\n{markdown[key]}")
@@ -482,10 +505,14 @@ def main(argv: list[str] | None = None) -> int:
             "data_dir": str(root),
             "work_dir": str(folder),
             "quick": args.quick,
+            "recall_sets": args.recall_sets,
+            "recall_docs": args.recall_docs,
+            "recall_questions": args.recall_questions,
         },
         "timings": timings,
         "ppl": ppl,
         "qa": qa,
+        "recall": recall,
         "markdown": markdown,
         "model_line": model_line,
     }

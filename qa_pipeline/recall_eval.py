@@ -536,3 +536,20 @@ def format_recall(result: dict) -> str:
             lines.append(f"  {method:<8}" + "".join(_fmt(m[c]) for c in cols) + f"{r['n_questions']:>6}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def recall_markdown(result: dict) -> str:
+    """One Markdown table for the README: per set, hit@1 / hit@5 / MRR of chance and each method."""
+    sets = result["sets"]
+    methods = ["chance", *result.get("methods", METHODS)]
+    head = "| set | questions (docs) | segments/doc | " + " | ".join(f"{m} hit@1 / hit@5 / MRR" for m in methods) + " |"
+    lines = [head, "|---|---:|---:|" + "---:|" * len(methods)]
+    for name, r in sets.items():
+        cells = []
+        for m in methods:
+            v = r["metrics"].get(m)
+            cells.append(" / ".join(f"{v[k]:.2f}" for k in ("hit@1", "hit@5", "mrr")) if v else "–")
+        lines.append(
+            f"| {name} | {r['n_questions']} ({r['n_documents']}) | {r['segments_per_doc']:.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
