@@ -93,7 +93,7 @@ def _pca(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def memory_pca_figure(memory: np.ndarray, recall_key: np.ndarray, query: np.ndarray | None = None) -> Figure:
     """Two PCA panels coloured by segment position: memory embeddings M_n, and recall keys K_n.
 
-    The query ``q = S_q W_q`` lives in the recall-key space, so it is projected with the keys' PCA;
+    The question's recall query lives in the recall-key space, so it is projected with the keys' PCA;
     keys near it (large ``q . K_n``) are the ones recall weighs most.
     """
     fig = Figure(figsize=(9.6, 3.6), dpi=100, layout="constrained")
@@ -102,7 +102,7 @@ def memory_pca_figure(memory: np.ndarray, recall_key: np.ndarray, query: np.ndar
     scatter = None
     for ax, data, title in (
         (axes[0], memory, "memory embeddings $M_n$ (PCA)"),
-        (axes[1], recall_key, "recall keys $K_n = M_n W_k$ (PCA)"),
+        (axes[1], recall_key, "recall keys $K_n$ (PCA)"),
     ):
         xy, mean, comps = _pca(data)
         scatter = ax.scatter(xy[:, 0], xy[:, 1], c=positions, cmap="viridis", s=28, edgecolors="none")
@@ -112,7 +112,7 @@ def memory_pca_figure(memory: np.ndarray, recall_key: np.ndarray, query: np.ndar
         if data is recall_key and query is not None:
             q = (np.asarray(query, dtype=np.float64) - mean) @ comps.T
             ax.scatter([q[0]], [q[1]], marker="*", s=260, color=ACCENT, edgecolors="black", linewidths=0.6,
-                       label="question query $q = S_q W_q$", zorder=5)
+                       label="question's recall query $q$", zorder=5)
             ax.legend(loc="best", fontsize=8, framealpha=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PC 1")

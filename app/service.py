@@ -67,7 +67,7 @@ class MemoryView:
     text: str
     segments: list[SegmentInfo]
     memory: np.ndarray  # (n, d) memory embeddings M_n
-    recall_key: np.ndarray  # (n, d_h) recall keys K_n = M_n W_k
+    recall_key: np.ndarray  # (n, d_h) recall keys K_n (see hmt.memory.MemoryRecall)
 
 
 class UserSession:

@@ -88,7 +88,7 @@ class Answer:
     evidence: list[Evidence]
     recall: list[tuple[int, float]]  # (segment, weight) for every recalled segment, by segment
     timings: dict[str, float]
-    query: list[float] | None = field(default=None, repr=False)  # S_q W_q, for plots
+    query: list[float] | None = field(default=None, repr=False)  # the recall query q, for plots
 
     def to_json(self, with_query: bool = False) -> dict:
         data = asdict(self)

@@ -1039,8 +1039,8 @@ class MemoryStore:
     ) -> list[tuple[str, int, float]] | list[list[tuple[str, int, float]]]:
         """Find the segments whose ``index`` vectors have the largest inner product with ``query``.
 
-        With ``index="recall_key"`` and ``query = S_q W_q`` the scores are HMT's recall logits
-        (before the ``1/sqrt(d_h)`` scaling).
+        With ``index="recall_key"`` and the recall query the scores are HMT's recall logits
+        before the recall's scale (``Engine.recall_scale``).
 
         Args:
             query: One query ``(d,)`` or a batch ``(q, d)``.

@@ -1,8 +1,8 @@
 """FAISS helpers shared by the memory store and the index benchmark.
 
-HMT's recall logits are inner products between a query ``q = S_q W_q`` and the recall keys
-``K_n = M_n W_k``, so every index here uses the inner-product metric: a search then returns exactly
-the (unscaled) recall logits. Small collections use an exact flat index; past ``exact_limit``
+HMT's recall logits are inner products between a query ``q`` and the recall keys ``K_n`` (times the
+recall's scale; see ``hmt.memory.MemoryRecall``), so every index here uses the inner-product metric: a
+search then returns exactly the (unscaled) recall logits. Small collections use an exact flat index; past ``exact_limit``
 vectors an HNSW graph keeps query time sub-linear at a small recall cost, measured with
 :func:`recall_at_k`.
 
