@@ -85,9 +85,12 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
     base, tokenizer, base_path = _load_base(recipe)
     model = content_model(base).to(dtype=resolve_dtype(recipe.dtype)).eval()
     cache = out / "features"
-    if (cache / "features.npz").is_file():
+    reused = (cache / "features.npz").is_file()
+    if reused:
         features = RecallFeatures.load(cache)
-        extract_s = 0.0
+        # The time of the run that read them, so a rerun's summary still says what the features cost.
+        timing = cache / "extract.json"
+        extract_s = json.loads(timing.read_text())["extract_s"] if timing.is_file() else None
     else:
         docs = training_docs(data_dir(recipe.data_dir), plos_docs=recipe.plos_docs,
                              cloze_per_1k=recipe.cloze_per_1k, seed=recipe.seed)
@@ -102,6 +105,7 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
         if bar:
             bar.close()
         features.save(cache)
+        (cache / "extract.json").write_text(json.dumps({"extract_s": extract_s}))
     fit_rows, val_rows = _split(features, recipe.val_share, recipe.seed)
     all_examples = features.examples()
     fit, val = all_examples.subset(fit_rows), all_examples.subset(val_rows)
@@ -128,6 +132,7 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
         "extract_s": extract_s,
         "fit_s": fit_s,
         "total_s": time.perf_counter() - began,
+        "features_reused": reused,
     }
     model.recall.to(dtype=model.dtype)
     final = out / "final"
