@@ -117,6 +117,10 @@ class MemoryState:
     segments_seen: int = 0
     tokens_seen: int = 0
     extra: dict = field(default_factory=dict)
+    # (B, n, d) what each key was made from (M_n, or the pooled content in recall "content"), so that a
+    # truncated-BPTT cut can re-derive the keys and W_k still learns from memories older than the cut.
+    # None when the cache was rebuilt from stored keys (answering).
+    key_sources: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -143,13 +147,23 @@ class MemoryState:
             segments_seen=self.segments_seen,
             tokens_seen=self.tokens_seen,
             extra=dict(self.extra),
+            key_sources=d(self.key_sources),
         )
 
     def push(
-        self, memory: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, segment_id: int, capacity: int
+        self,
+        memory: torch.Tensor,
+        key: torch.Tensor,
+        valid: torch.Tensor,
+        segment_id: int,
+        capacity: int,
+        key_source: torch.Tensor | None = None,
     ) -> MemoryState:
         """Append one memory per sequence and evict the oldest beyond ``capacity`` (FIFO)."""
         ids = torch.full_like(valid, segment_id, dtype=torch.long)
+        sources = None
+        if self.key_sources is not None and key_source is not None:
+            sources = torch.cat([self.key_sources, key_source[:, None]], dim=1)[:, -capacity:]
         return MemoryState(
             memories=torch.cat([self.memories, memory[:, None]], dim=1)[:, -capacity:],
             keys=torch.cat([self.keys, key[:, None]], dim=1)[:, -capacity:],
@@ -161,4 +175,5 @@ class MemoryState:
             segments_seen=self.segments_seen,
             tokens_seen=self.tokens_seen,
             extra=self.extra,
+            key_sources=sources,
         )

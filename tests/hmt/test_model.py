@@ -120,6 +120,18 @@ def test_truncated_bptt_stops_gradient():
 
 
 @pytest.mark.parametrize("recall", ["paper", "content"])
+def test_truncated_bptt_keeps_w_k_learning_from_memories_older_than_the_cut(recall):
+    """The cut stops gradients into old memories, not into W_k, which made their keys."""
+    model = make("hmt", bptt_depth=1, recall=recall).train()
+    x = ids(1, 3 * L)
+    labels = torch.full_like(x, -100)
+    labels[:, 2 * L :] = x[:, 2 * L :]  # only the last segment is scored: its recall reads memories 0 and 1
+    model(x, labels=labels, return_logits=False).loss.backward()
+    assert model.recall.w_k.weight.grad is not None and model.recall.w_k.weight.grad.abs().sum() > 0
+    assert model.memory_init.grad is None or model.memory_init.grad.abs().sum() == 0  # still cut
+
+
+@pytest.mark.parametrize("recall", ["paper", "content"])
 def test_new_parameter_count(recall):
     for recall_dim in (None, 32):
         model = HMTModel(
