@@ -220,6 +220,8 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
         "prediction": None,
         "evidence_ranked": [],
     }
+    # The user's own fields (ids, tags) travel with the row; they never replace a result field.
+    record.update({k: v for k, v in row.extra.items() if k not in record})
     start = time.perf_counter()
     try:
         text = row.load_document()

@@ -71,6 +71,8 @@ class QARow:
         answer: Gold answer; for closed questions one of ``options``.
         evidence: Gold evidence as ``(start, end)`` character spans (end exclusive) in the document.
         metadata: Free-form extra information from the source data set.
+        extra: Top-level fields of the input row this format does not define (a user's ids, tags...):
+            kept as they are and copied into the row's batch results.
     """
 
     row_id: str
@@ -82,6 +84,7 @@ class QARow:
     answer: str | None = None
     evidence: list[tuple[int, int]] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
     def load_document(self) -> str:
         """Return the document text, reading ``document_path`` when the text is not inline.
@@ -113,6 +116,8 @@ class QARow:
             obj["evidence"] = [[int(s), int(e)] for s, e in self.evidence]
         if self.metadata:
             obj["metadata"] = self.metadata
+        for key, value in self.extra.items():
+            obj.setdefault(key, value)
         return obj
 
     @classmethod
@@ -136,10 +141,8 @@ class QARow:
         where = _where(line)
         if not isinstance(obj, dict):
             raise QADataError(f"{where}expected a JSON object, got {type(obj).__name__}")
-        known = {f for f in cls.__dataclass_fields__} | {"id"}
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise QADataError(f"{where}unknown field(s) {unknown}")
+        known = ({f for f in cls.__dataclass_fields__} - {"extra"}) | {"id"}
+        extra = {k: v for k, v in obj.items() if k not in known}
 
         row_id = obj.get("row_id", obj.get("id"))
         if row_id is None:
@@ -162,7 +165,11 @@ class QARow:
 
         document = opt_str("document")
         document_path = opt_str("document_path")
-        doc_id = opt_str("doc_id")
+        doc_id = obj.get("doc_id")
+        # A PMID or another numeric id is a natural doc_id: take it as its string.
+        if isinstance(doc_id, int) and not isinstance(doc_id, bool):
+            doc_id = str(doc_id)
+        doc_id = opt_str("doc_id") if not isinstance(doc_id, str) else doc_id
         answer = opt_str("answer")
         if document is None and not document_path:
             raise QADataError(f"{where}row needs 'document' (text) or 'document_path'")
@@ -221,6 +228,7 @@ class QARow:
             answer=answer,
             evidence=evidence,
             metadata=metadata,
+            extra=extra,
         )
 
 
@@ -245,6 +253,7 @@ def read_rows(path: str | Path, *, on_error: Callable[[int, str], None] | None =
     base = path.resolve().parent
     rows: list[QARow] = []
     seen: set[str] = set()
+    extra_fields: set[str] = set()
     with path.open(encoding="utf-8-sig") as fh:
         for line_no, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -265,7 +274,12 @@ def read_rows(path: str | Path, *, on_error: Callable[[int, str], None] | None =
             if row.document_path and not Path(row.document_path).is_absolute():
                 row.document_path = str(base / row.document_path)
             seen.add(row.row_id)
+            extra_fields.update(row.extra)
             rows.append(row)
+    if extra_fields:  # once per file, not once per row
+        logger.warning(
+            "%s: field(s) %s are not part of the row format; kept and copied to the results", path, sorted(extra_fields)
+        )
     return rows
 
 

@@ -214,3 +214,15 @@ def test_batch_under_torchrun_two_ranks(tmp_path):
     assert all("error" not in r for r in records)
     ingested = Counter(r["doc_id"] for r in records if "ingest" in r)
     assert len(ingested) == 3 and set(ingested.values()) == {1}  # each document read once, in one store
+
+
+def test_a_rows_own_fields_reach_its_results(tmp_path):
+    """A user's ids travel with the row; they never replace a result field."""
+    row = QARow.from_json({"row_id": "p1", "question": "Did aspirin help?", "document": make_text("aspirin", 20),
+                           "doc_id": 123, "options": OPTIONS, "pmid": 123, "cohort": "B", "prediction": "mine"})
+    engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=None, max_new_tokens=2))
+    out = tmp_path / "r.jsonl"
+    run_batch(engine, [row], out, engine.open_store(tmp_path / "s"), modes=("hmt",))
+    [record] = map(json.loads, out.read_text().splitlines())
+    assert record["pmid"] == 123 and record["cohort"] == "B" and record["doc_id"] == "123"
+    assert record["prediction"] in OPTIONS  # the result, not the row's own "prediction" field

@@ -67,7 +67,7 @@ def test_load_document(tmp_path: Path) -> None:
         ({"row_id": "r", "question": "q?", "document": "text", "evidence": [[0, 99]]}, "past the end"),
         ({"row_id": "r", "question": "q?", "document": "t", "options": ["yes"], "answer": "no"}, "options"),
         ({"row_id": "r", "question": "q?", "document": "t", "options": []}, "options"),
-        ({"row_id": "r", "question": "q?", "document": "t", "bogus": 1}, "unknown"),
+        ({"row_id": "r", "question": "q?", "document": "t", "doc_id": 1.5}, "doc_id"),
         (["not", "an", "object"], "object"),
     ],
 )
@@ -76,6 +76,23 @@ def test_from_json_rejects(obj: object, fragment: str) -> None:
         QARow.from_json(obj, line=7)
     assert "line 7" in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_unknown_fields_are_kept_and_a_numeric_doc_id_is_its_string(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        "\n".join(
+            json.dumps({"row_id": f"r{i}", "question": "q?", "document": "t", "doc_id": 31415926, "pmid": 27, "fused": True})
+            for i in range(3)
+        )
+    )
+    with caplog.at_level("WARNING"):
+        rows = read_rows(path)
+    assert [r.doc_id for r in rows] == ["31415926"] * 3
+    assert rows[0].extra == {"pmid": 27, "fused": True}
+    assert QARow.from_json(rows[0].to_json()) == rows[0]  # the fields survive a round trip
+    warnings = [r for r in caplog.records if "not part of the row format" in r.getMessage()]
+    assert len(warnings) == 1 and "fused" in warnings[0].getMessage()  # once per file, naming the fields
 
 
 def test_from_json_defaults() -> None:
