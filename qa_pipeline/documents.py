@@ -454,12 +454,24 @@ def _resolve_named_entities(data: bytes) -> bytes:
 
 
 def _parse_xml(data: bytes, path: Path) -> ET.Element:
-    """Parse XML with expat (no DTD or external entity is ever fetched) and strip namespaces."""
+    """Parse XML with expat (no DTD or external entity is ever fetched) and strip namespaces.
+
+    Entity declarations (``<!ENTITY``, internal or external) are refused: JATS never needs them, and
+    one internal entity nested a few times turns a small file into gigabytes of text.
+    """
+    from defusedxml import DefusedXmlException
+    from defusedxml.ElementTree import DefusedXMLParser
+
     data = _resolve_named_entities(data)
-    parser = ET.XMLParser()
+    parser = DefusedXMLParser(forbid_dtd=False, forbid_entities=True, forbid_external=True)
     try:
         parser.feed(data)
         root = parser.close()
+    except DefusedXmlException as exc:
+        raise DocumentError(
+            f"{path}: XML that declares entities (<!ENTITY ...>) is refused; a JATS article never needs "
+            f"them, and they can expand a small file into a huge one ({type(exc).__name__})"
+        ) from None
     except ET.ParseError as exc:
         raise DocumentError(f"{path}: not well-formed XML ({exc})") from None
     except LookupError as exc:  # unknown encoding="..." in the XML declaration

@@ -558,6 +558,20 @@ def test_jats_does_not_resolve_external_entities(tmp_path):
     assert "TOP_SECRET" not in docs[0].text
 
 
+def test_xml_with_an_internal_entity_is_refused_before_it_expands(tmp_path):
+    """One declared entity used 1,000 times would be read as 1,000 copies; JATS never declares any."""
+    body = "<p>" + "&big; " * 1000 + "</p>"
+    xml = (
+        '<?xml version="1.0"?>\n<!DOCTYPE article [<!ENTITY big "' + "lorem ipsum " * 500 + '">]>\n'
+        f"<article><front><article-meta><title-group><article-title>T</article-title></title-group>"
+        f"</article-meta></front><body>{body}</body></article>"
+    )
+    path = tmp_path / "entity.xml"
+    path.write_text(xml, encoding="utf-8")
+    with pytest.raises(DocumentError, match="ENTITY"):
+        load_documents(path)
+
+
 def test_jats_articleset_wrapper_gives_one_document_per_article(tmp_path):
     art = "<article><front><article-meta><title-group><article-title>T{n}</article-title></title-group></article-meta></front><body><p>P{n}</p></body></article>"
     xml = "<pmc-articleset>" + art.format(n=1) + art.format(n=2) + "</pmc-articleset>"
