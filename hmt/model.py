@@ -514,6 +514,7 @@ class HMTModel(nn.Module):
         generator: torch.Generator | None = None,
         query_ids: torch.Tensor | None = None,
         whole_prompt: bool = False,
+        no_repeat_ngram_size: int = 0,
     ) -> Iterator[torch.Tensor]:
         """Yield new token ids (B,) one step at a time.
 
@@ -527,6 +528,8 @@ class HMTModel(nn.Module):
         ``query_ids`` (B, q), when given, make the answering segment's recall query instead of the
         prompt's tail (the question alone, as in training); ``whole_prompt`` opens one answering
         segment with the whole prompt, however long, instead of reading its head through memory.
+        ``no_repeat_ngram_size`` n > 0: no n-gram of the generated tokens occurs twice (a small
+        model's greedy answers otherwise loop on a phrase until the token limit).
         """
         if max_new_tokens <= 0:
             return
@@ -543,8 +546,14 @@ class HMTModel(nn.Module):
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
         # A whole-prompt segment may be wider than L; its answer still gets L tokens before it closes.
         limit = tail.shape[1] + cfg.segment_length if whole_prompt else cfg.segment_length
+        generated: list[list[int]] = [[] for _ in range(b)]
         for _ in range(max_new_tokens):
-            next_ids = _pick(self._lm_head(hidden).float(), do_sample, temperature, top_p, generator)
+            logits = self._lm_head(hidden).float()
+            if no_repeat_ngram_size > 0:
+                _ban_repeated_ngrams(logits, generated, no_repeat_ngram_size)
+            next_ids = _pick(logits, do_sample, temperature, top_p, generator)
+            for row, token in zip(generated, next_ids.tolist(), strict=True):
+                row.append(token)
             yield next_ids
             finished |= torch.isin(next_ids, eos)
             if bool(finished.all()):
@@ -603,6 +612,7 @@ class HMTModel(nn.Module):
         streamer: Callable[[torch.Tensor], None] | None = None,
         query_ids: torch.Tensor | None = None,
         whole_prompt: bool = False,
+        no_repeat_ngram_size: int = 0,
     ) -> torch.Tensor:
         """Generate up to ``max_new_tokens`` after ``input_ids``; returns only the new ids (B, n)."""
         steps = []
@@ -617,6 +627,7 @@ class HMTModel(nn.Module):
             generator,
             query_ids=query_ids,
             whole_prompt=whole_prompt,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         ):
             steps.append(ids)
             if streamer is not None:
@@ -764,6 +775,17 @@ def _ones_if_none(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
 def _clone_state(state: MemoryState | None) -> MemoryState | None:
     """Answering must not change the caller's document memory."""
     return None if state is None else state.detach()
+
+
+def _ban_repeated_ngrams(logits: torch.Tensor, generated: list[list[int]], n: int) -> None:
+    """Set to -inf, in place, each token that would repeat an n-gram of that row's generated tokens."""
+    for row, tokens in enumerate(generated):
+        if len(tokens) < n:
+            continue
+        prefix = tuple(tokens[len(tokens) - n + 1 :])
+        banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
+        if banned:
+            logits[row, banned] = float("-inf")
 
 
 def _pick(

@@ -23,6 +23,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--full-context-tokens", type=int, default=defaults.full_context_tokens,
                        help="window of mode 'none'")
     group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    group.add_argument("--no-repeat-ngram", type=int, default=defaults.no_repeat_ngram,
+                       help="open answers never repeat a run of this many tokens (0: off)")
     group.add_argument(
         "--calibrate-options", action=argparse.BooleanOptionalAction, default=defaults.calibrate_options,
         help="closed questions: rank options by score with the document minus score without it",
@@ -38,7 +40,7 @@ def _engine(ns: argparse.Namespace):
             EngineConfig(
                 backbone=ns.backbone, checkpoint=checkpoint, dtype=ns.dtype, device=ns.device,
                 full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
-                calibrate_options=ns.calibrate_options,
+                calibrate_options=ns.calibrate_options, no_repeat_ngram=ns.no_repeat_ngram,
             )
         )
     except (ValueError, OSError, RuntimeError) as err:  # bad --dtype/--device, checkpoint of another width

@@ -62,6 +62,9 @@ class EngineConfig:
     # the default keeps CPU latency sane.
     full_context_tokens: int = 2048
     max_new_tokens: int = 64
+    # Open answers never repeat a run of this many tokens (0: off). A 135M model's greedy answers
+    # otherwise loop on one sentence until max_new_tokens; 6 also rules out any repeated 8-token phrase.
+    no_repeat_ngram: int = 6
     # Closed questions: rank options by how much the document raises their likelihood (score with the
     # document minus score without it) instead of by likelihood alone. A small model's prior for an
     # option ("yes") otherwise outweighs what the document says.
@@ -505,6 +508,7 @@ class Engine:
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens,
                 memory_state=state,
                 eos_token_id=self.tokenizer.eos_token_id,
+                no_repeat_ngram_size=self.config.no_repeat_ngram,
                 **memory_kw,
             ):
                 first = first if first is not None else time.perf_counter() - start

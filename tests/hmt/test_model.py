@@ -325,3 +325,17 @@ def test_recall_of_bf16_memories_is_summed_in_float32():
     assert recalled.dtype == torch.bfloat16 and weights.dtype == torch.float32
     expected = torch.einsum("bn,bnd->bd", weights, memories.float()).bfloat16()
     assert torch.equal(recalled, expected)
+
+
+def _repeats(tokens, n):
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def test_no_repeat_ngram_rule_stops_generation_loops():
+    model = make("hmt")
+    prompt = ids(2, L + 3)
+    looping = model.generate(prompt, max_new_tokens=3 * L).tolist()
+    assert any(_repeats(row, 3) for row in looping)  # greedy decoding of a random model loops
+    for row in model.generate(prompt, max_new_tokens=3 * L, no_repeat_ngram_size=3).tolist():
+        assert _repeats(row, 3) == 0
