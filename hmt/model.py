@@ -569,7 +569,9 @@ class HMTModel(nn.Module):
     ) -> tuple[torch.Tensor | None, _DecodeState, MemoryState]:
         """Finish the generated segment (M_n from its trailing P) and open the next one."""
         seg_ids = torch.stack(dec.segment_ids, dim=1)
-        content = dec.content_sum / max(1, seg_ids.shape[1]) if dec.content_sum is not None else None
+        content = None
+        if dec.content_sum is not None:
+            content = (dec.content_sum / max(1, seg_ids.shape[1])).to(self.dtype)
         new_memory = self._feed(dec, memory_token[:, None]) if memory_token is not None else None
         state, _ = self._advance(state, seg_ids, torch.ones_like(seg_ids), new_memory, content)
         query = seg_ids[:, -self.config.summary_length :]

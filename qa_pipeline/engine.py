@@ -391,7 +391,7 @@ class Engine:
             raise QAError("the question is empty")
         self.check_store(store)
         info = store.get_document(doc_id)
-        version = (info.created_at, info.n_tokens, info.n_segments)
+        version = (info.created_at, info.n_tokens, info.n_segments, len(store.get_text(doc_id)))  # as in ask
         _, recall, _ = self._memory_for(store, doc_id, self._recall_ids(question), version)
         return recall
 

@@ -140,3 +140,12 @@ def test_recall_head_learns_a_toy_task_from_scratch():
     after = rank_metrics(model.recall, test)
     assert after["hit@1"] >= 0.95, (before, after)
     assert after["hit@1"] > before["hit@1"] + 0.2  # chance is 1/6: the identity start does not solve it
+
+
+def test_generation_closes_segments_in_bfloat16():
+    """Closing a generated segment keys it by its pooled content (summed in float32) in the model's dtype."""
+    model = make().to(torch.bfloat16)
+    prompt = torch.randint(0, VOCAB, (1, L + 3), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        new = model.generate(prompt, max_new_tokens=2 * L)  # closes at least one generated segment
+    assert new.shape == (1, 2 * L)
