@@ -499,6 +499,8 @@ class MemoryStore:
                     "SQLite refused WAL mode for %s (got %s); readers may block writers", db_path, mode
                 )
             conn.execute("PRAGMA synchronous = FULL")
+            # Deleted rows (a document's text, its answers) are overwritten, not just unlinked.
+            conn.execute("PRAGMA secure_delete = ON")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{db_path} is not a readable SQLite database: {exc}") from exc
@@ -814,6 +816,10 @@ class MemoryStore:
                 conn.execute("DELETE FROM segments WHERE doc_id = ?", (doc_id,))
                 conn.execute("DELETE FROM answers WHERE doc_id = ?", (doc_id,))
                 conn.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
+            # The WAL still holds the pages as they were before the delete: fold it into the database
+            # (where secure_delete zeroed them) and empty it. A reader in another process can make
+            # this a partial checkpoint; the next delete or close finishes it.
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             self._drop_cached(row.dir)
             self._discard_folder(row.dir)
         logger.info("deleted document %r", doc_id)

@@ -394,3 +394,17 @@ def test_build_index_and_recall_exported() -> None:
     _, a = flat.search(vecs[:10], 10)
     _, b = build_index(vecs).search(vecs[:10], 10)
     assert recall_at_k(a, b, 10) == 1.0
+
+
+def test_deleted_text_is_gone_from_the_database_and_its_wal(tmp_path) -> None:
+    root = tmp_path / "store"
+    secret = "PATIENT-NAME-ZQXJ " * 40
+    with MemoryStore.open(root, FP) as st:
+        doc = make_doc(3)
+        st.add_document("keep", **make_doc(2, seed=1))
+        st.add_document("secret", **{**doc, "text": secret + doc["text"]})
+        st.add_answer("secret", "Who is PATIENT-NAME-ZQXJ?", "hmt", {"answer": "PATIENT-NAME-ZQXJ"})
+        st.delete_document("secret")
+        files = [p for p in root.iterdir() if p.name.startswith("store.sqlite")]
+        assert files and not any(b"ZQXJ" in p.read_bytes() for p in files)
+        assert st.get_text("keep")  # the rest is intact
