@@ -589,11 +589,11 @@ def _char_spans(segments: list[SegmentInfo], token_starts: np.ndarray, n_chars: 
 
 
 def _checkpoint_id(path: Path) -> str:
-    """Content hash of what a checkpoint changes: HMT parameters, LoRA adapter, fine-tuned backbone.
-
-    Only ``hmt.safetensors`` is hashed for a plain checkpoint, so ids of existing stores stay valid.
-    """
+    """Content hash of what a checkpoint changes: HMT parameters, its HMTConfig (summary fraction,
+    recall kind... change the memories it writes), LoRA adapter, fine-tuned backbone."""
     digest = hashlib.sha256((path / "hmt.safetensors").read_bytes())
+    config = json.loads((path / "config.json").read_text()).get("hmt_config", {})
+    digest.update(json.dumps(config, sort_keys=True).encode())
     for sub in ("adapter", "backbone"):
         folder = path / sub
         if folder.is_dir():

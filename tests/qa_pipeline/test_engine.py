@@ -397,3 +397,22 @@ def test_retrieval_mode_answers_from_the_passages_its_recall_chose(engine, doc, 
     for e in ans.evidence[: engine.config.retrieval_segments]:
         assert doc.text[e.char_start : e.char_end].strip()[:200] in seen["prompt"]
     assert len(engine.tokenizer(seen["prompt"]).input_ids) > engine.model.config.segment_length
+
+
+def test_a_checkpoint_whose_config_changed_does_not_read_the_old_store(tmp_path):
+    """Same weights, another summary fraction: the memories it writes differ, so its store is another's."""
+    from hmt import HMTConfig, HMTModel, load_backbone
+
+    backbone, _ = load_backbone("tiny-random")
+    ckpt = tmp_path / "ckpt"
+    HMTModel(backbone, HMTConfig(segment_length=64, sensory_length=8)).save_pretrained(ckpt)
+    first = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt)))
+    store = first.open_store(tmp_path / "store")
+    store.close()
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["hmt_config"]["summary_fraction"] = 0.25
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    second = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt)))
+    assert second.checkpoint_id != first.checkpoint_id
+    with pytest.raises(StoreMismatch):
+        second.open_store(tmp_path / "store")
