@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import apply_threads, base_parser, machine_info, write_results
 from hmt import HMTModel, load_backbone
@@ -29,10 +28,10 @@ from hmt.memory import MemoryRecall
 from hmt.recall_head import RecallExamples, center_head, fit_recall_head, rank_metrics
 from qa_pipeline.prompts import question_prompt
 from qa_pipeline.qa_data import covid_qa, evidence_inference
-from qa_pipeline.recall_data import RecallDoc, _rows_by_document, _segments_of
+from qa_pipeline.recall_data import RecallDoc, rows_by_document
 from qa_pipeline.recall_eval import chance_metrics, is_eval_article
 from qa_pipeline.recall_recipe import content_model
-from qa_pipeline.train_data import PUBMEDQA, PUBMEDQA_TRAIN, data_dir
+from qa_pipeline.train_data import PUBMEDQA, PUBMEDQA_TRAIN, data_dir, segments_overlapping
 
 DEPTHS = (0, 3, 6, 12, 18, 24, 30)
 
@@ -50,7 +49,7 @@ def eval_docs(root, max_articles: int) -> dict[str, list[RecallDoc]]:
         ("evidence-inference", evidence_inference(root / "evidence-inference")),
     ):
         docs = []
-        for doc_id, doc_rows in _rows_by_document(rows).items():
+        for doc_id, doc_rows in rows_by_document(rows).items():
             if is_eval_article(doc_id) and len(docs) < max_articles:
                 doc = RecallDoc(doc_id, doc_rows[0].load_document(), group=doc_id)
                 doc.queries = [(r.question, list(r.evidence), "question") for r in doc_rows if r.evidence]
@@ -88,7 +87,7 @@ def features(model: HMTModel, paper: HMTModel, tokenizer, docs: list[RecallDoc])
                 seg[f"alone, depth {d}"].append(out.hidden_states[d][0].float().mean(0))
         segment_doc += [group] * len(records)
         for text, spans, _ in doc.queries:
-            gold = _segments_of(enc.offset_mapping, spans, L)
+            gold = segments_overlapping(enc.offset_mapping, spans, L)
             if not gold:
                 continue
             q = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:j]])
@@ -142,23 +141,7 @@ def score_pair(f: dict, qkey: str, skey: str, steps: int) -> dict:
 
 def trained_paper(f: dict, base: HMTModel) -> dict:
     """The checkpoint's own recall: S_q of the chat prompt against W_k M_n (what answered before)."""
-    ex = _examples(f, "prompt, S_q", "memory")
-    recall = base.recall.float()
-
-    class Paper:
-        kind = "paper"
-        w_k = recall.w_k
-        w_q = recall.w_q
-
-        @staticmethod
-        def keys(x):
-            return recall.keys(x)
-
-        @staticmethod
-        def queries(x):
-            return F.normalize(recall.queries(x), dim=-1)  # ranking is the same; keeps scores finite
-
-    return rank_metrics(Paper, ex)
+    return rank_metrics(base.recall.float(), _examples(f, "prompt, S_q", "memory"))
 
 
 def chance(f: dict) -> dict:

@@ -117,9 +117,10 @@ class MemoryState:
     segments_seen: int = 0
     tokens_seen: int = 0
     extra: dict = field(default_factory=dict)
-    # (B, n, d) what each key was made from (M_n, or the pooled content in recall "content"), so that a
-    # truncated-BPTT cut can re-derive the keys and W_k still learns from memories older than the cut.
-    # None when the cache was rebuilt from stored keys (answering).
+    # (B, n, d) the pooled contents that recall "content" made the keys from, so that a truncated-BPTT
+    # cut can re-derive the keys and W_k still learns from memories older than the cut (the paper's
+    # keys are re-derived from ``memories``). None for the paper's recall, and when the cache was
+    # rebuilt from stored keys (answering).
     key_sources: torch.Tensor | None = None
 
     @property

@@ -161,7 +161,11 @@ class HMTModel(nn.Module):
             keys=torch.zeros(batch_size, 0, self.recall_dim, device=dev, dtype=dt),
             valid=torch.zeros(batch_size, 0, device=dev, dtype=torch.bool),
             segment_ids=torch.zeros(batch_size, 0, device=dev, dtype=torch.long),
-            key_sources=torch.zeros(batch_size, 0, self.hidden_size, device=dev, dtype=dt),
+            key_sources=(
+                torch.zeros(batch_size, 0, self.hidden_size, device=dev, dtype=dt)
+                if self.config.recall == "content"
+                else None
+            ),
         )
 
     def memory_from_cache(
@@ -267,13 +271,15 @@ class HMTModel(nn.Module):
         seg_valid = seg_mask.bool().any(dim=1)
         key = None
         if new_memory is not None:
-            source = content if self.config.recall == "content" else new_memory
-            key = self.recall.keys(source)
+            by_content = cfg.recall == "content"
+            key = self.recall.keys(content if by_content else new_memory)
             prev = (
                 state.carried if state.carried is not None else self.memory_init.expand(state.batch_size, -1)
             )
             carried = torch.where(seg_valid[:, None], new_memory, prev)
-            state = state.push(new_memory, key, seg_valid, state.segments_seen, cfg.num_cached, source)
+            state = state.push(
+                new_memory, key, seg_valid, state.segments_seen, cfg.num_cached, content if by_content else None
+            )
             state.carried = carried
         if cfg.uses_sensory:
             state.sensory_ids, state.sensory_mask = _last_valid(
@@ -367,8 +373,10 @@ class HMTModel(nn.Module):
             end = min(t, start + cfg.segment_length)
             if cfg.bptt_depth is not None and state.segments_seen % cfg.bptt_depth == 0:
                 state = state.detach()  # truncated BPTT: no gradient crosses this boundary ...
-                if state.key_sources is not None:  # ... but W_k still learns from the older memories
-                    state.keys = self.recall.keys(state.key_sources)
+                # ... but W_k still learns from the older memories: their keys are made again.
+                sources = state.memories if cfg.recall == "paper" else state.key_sources
+                if sources is not None:
+                    state.keys = self.recall.keys(sources)
             summary = summaries[:, i] if summaries is not None else None
             hidden, state, record = self._segment_step(
                 input_ids[:, start:end], mask[:, start:end], summary, state

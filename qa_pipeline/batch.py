@@ -26,10 +26,6 @@ from .store import DocumentExists, MemoryStore, StoreError, UnknownDocument
 logger = logging.getLogger(__name__)
 
 
-def _row_doc_id(row: QARow, text: str) -> str:
-    return row.doc_id or "doc-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
-
-
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -225,7 +221,7 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
     start = time.perf_counter()
     try:
         text = row.load_document()
-        doc_id = _row_doc_id(row, text)
+        doc_id = row.document_id(text)
         record["doc_id"] = doc_id
         try:
             store.get_document(doc_id)

@@ -162,7 +162,8 @@ def token_f1(pred: str | None, golds: str | Sequence[str]) -> float:
     return max((_token_f1_single(pred or "", g) for g in golds), default=0.0)
 
 
-def _overlaps(a: Span, b: Span) -> bool:
+def spans_overlap(a: Span, b: Span) -> bool:
+    """Whether half-open character spans share a character (touching spans do not)."""
     return max(a[0], b[0]) < min(a[1], b[1])
 
 
@@ -188,7 +189,7 @@ def evidence_hit_at_k(
     if k < 1:
         raise ValueError("k must be >= 1")
     gold = [(int(s), int(e)) for s, e in gold_spans]
-    return any(_overlaps((int(r[0]), int(r[1])), g) for r in list(retrieved_spans_ranked)[:k] for g in gold)
+    return any(spans_overlap((int(r[0]), int(r[1])), g) for r in list(retrieved_spans_ranked)[:k] for g in gold)
 
 
 def _spans(value: Any) -> list[Span]:

@@ -16,6 +16,7 @@ evidence (character spans in the document text). Rows are stored one JSON object
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import random
@@ -100,6 +101,14 @@ class QARow:
         if self.document_path is None:
             raise QADataError(f"row {self.row_id!r} has neither document nor document_path")
         return Path(self.document_path).read_text(encoding="utf-8")
+
+    def document_id(self, text: str | None = None) -> str:
+        """The id its document is stored under: ``doc_id``, else a hash of the text (rows sharing a
+        document then share one ingestion). ``text`` saves reading ``document_path`` again."""
+        if self.doc_id:
+            return self.doc_id
+        text = self.load_document() if text is None else text
+        return "doc-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
     def to_json(self) -> dict:
         """Return a JSON-serialisable dict; unset optional fields are left out.

@@ -13,6 +13,7 @@ HMT as at ingestion (pooled segment contents), each query through the summary pa
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -29,7 +30,7 @@ from hmt.recall_head import RecallExamples
 from .documents import load_documents
 from .qa_data import QARow, covid_qa, evidence_inference
 from .recall_eval import is_train_article
-from .train_data import PUBMEDQA, PUBMEDQA_TRAIN
+from .train_data import PUBMEDQA, PUBMEDQA_TRAIN, segments_overlapping
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,10 @@ def add_cloze_queries(doc: RecallDoc, rng: random.Random, per_1k_chars: float) -
         doc.queries.append((doc.text[s:e], [(s, e)], "cloze"))
 
 
-def _rows_by_document(rows: list[QARow]) -> dict[str, list[QARow]]:
+def rows_by_document(rows: list[QARow]) -> dict[str, list[QARow]]:
     out: dict[str, list[QARow]] = {}
     for row in rows:
-        out.setdefault(row.doc_id or row.row_id, []).append(row)
+        out.setdefault(row.document_id(), []).append(row)
     return out
 
 
@@ -83,8 +84,6 @@ def training_docs(root: Path, *, plos_docs: int = 30, cloze_per_1k: float = 1.0,
     """
     rng = random.Random(seed)
     docs: list[RecallDoc] = []
-    import json
-
     pqa = json.loads((root / PUBMEDQA).read_text(encoding="utf-8"))
     for i, (pmid, entry) in enumerate(list(pqa.items())[:PUBMEDQA_TRAIN]):
         text = " ".join(c.strip() for c in entry["CONTEXTS"])
@@ -96,7 +95,7 @@ def training_docs(root: Path, *, plos_docs: int = 30, cloze_per_1k: float = 1.0,
         ("covidqa", covid_qa(root / "covid-qa" / "covidqa_dev.json")),
         ("evidence-inference", evidence_inference(root / "evidence-inference")),
     ):
-        for doc_id, doc_rows in _rows_by_document(rows).items():
+        for doc_id, doc_rows in rows_by_document(rows).items():
             if not is_train_article(doc_id):
                 continue
             text = doc_rows[0].load_document()
@@ -138,8 +137,6 @@ class RecallFeatures:
         )
 
     def save(self, path: Path) -> None:
-        import json
-
         path.mkdir(parents=True, exist_ok=True)
         np.savez(path / "features.npz", contents=self.contents, segment_doc=self.segment_doc,
                  queries=self.queries, query_doc=self.query_doc)
@@ -148,17 +145,10 @@ class RecallFeatures:
 
     @classmethod
     def load(cls, path: Path) -> RecallFeatures:
-        import json
-
         arrays = np.load(path / "features.npz")
         meta = json.loads((path / "features.json").read_text())
         return cls(arrays["contents"], arrays["segment_doc"], arrays["queries"], arrays["query_doc"],
                    meta["positives"], meta["query_kind"], meta["groups"])
-
-
-def _segments_of(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], length: int) -> list[int]:
-    hits = {i // length for i, (s, e) in enumerate(offsets) if any(s < end and e > start for start, end in spans)}
-    return sorted(hits)
 
 
 @torch.inference_mode()
@@ -186,7 +176,7 @@ def extract_features(
             contents.extend(r.content[0].float().cpu().numpy().copy() for r in records)
         segment_doc.extend([group] * (len(contents) - first))
         for text, spans, kind in doc.queries:
-            gold = _segments_of(enc.offset_mapping, spans, L)
+            gold = segments_overlapping(enc.offset_mapping, spans, L)
             if gold:
                 query_texts.append(text)
                 query_doc.append(group)

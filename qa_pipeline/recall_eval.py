@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .documents import Document
+from .metrics import spans_overlap
 from .qa_data import QARow
 from .store import MemoryStore, SegmentInfo, StoreError
 
@@ -140,11 +141,7 @@ def rank_metrics(ranking: Sequence[int], gold: Iterable[int], ks: Sequence[int] 
 def gold_segments(segments: Sequence[SegmentInfo], evidence: Iterable[Sequence[int]]) -> list[int]:
     """Indices of the segments whose character span overlaps any evidence span (half-open spans)."""
     spans = [(int(s), int(e)) for s, e in evidence]
-    return [
-        seg.idx
-        for seg in segments
-        if any(max(seg.char_start, s) < min(seg.char_end, e) for s, e in spans)
-    ]
+    return [seg.idx for seg in segments if any(spans_overlap((seg.char_start, seg.char_end), g) for g in spans)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,14 +209,6 @@ def bm25_scores(texts: Sequence[str], query: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _row_doc_id(row: QARow, text: str | None = None) -> str:
-    if row.doc_id:
-        return row.doc_id
-    if text is None:
-        text = row.load_document()
-    return "doc-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
-
-
 def select_rows(rows: Sequence[QARow], *, limit_docs: int | None, limit_questions: int | None) -> list[QARow]:
     """A deterministic sample: the first ``limit_docs`` documents (file order) that have rows with
     evidence, and up to ``limit_questions`` of their questions, dealt round-robin over the documents
@@ -230,7 +219,7 @@ def select_rows(rows: Sequence[QARow], *, limit_docs: int | None, limit_question
     for i, row in enumerate(rows):
         if not row.evidence:
             continue
-        key = _row_doc_id(row)
+        key = row.document_id()
         if key not in by_doc and limit_docs is not None and len(by_doc) >= limit_docs:
             continue
         by_doc.setdefault(key, []).append(i)
@@ -265,12 +254,12 @@ def load_set(
             raise ValueError(f"unknown recall set {name!r}; choose from {', '.join(SETS)}") from None
         rows = pubmedqa_split(root, num_docs=fuse)[1]  # held-out questions 401-500
     elif name == "covidqa":
-        rows = [r for r in covid_qa(root / COVIDQA_FILE) if is_eval_article(_row_doc_id(r))]
+        rows = [r for r in covid_qa(root / COVIDQA_FILE) if is_eval_article(r.document_id())]
     elif name == "evidence-inference":
         path = root / EVIDENCE_INFERENCE_DIR
         if not path.is_dir():
             raise FileNotFoundError(f"Evidence Inference data not found: {path}")
-        rows = [r for r in evidence_inference(path) if is_eval_article(_row_doc_id(r))]
+        rows = [r for r in evidence_inference(path) if is_eval_article(r.document_id())]
     else:
         raise ValueError(f"unknown recall set {name!r}; choose from {', '.join(SETS)}")
     return select_rows(rows, limit_docs=limit_docs, limit_questions=limit_questions)
@@ -352,7 +341,7 @@ def evaluate_recall(
     texts: dict[str, str] = {}
     for row in rows:
         text = row.load_document()
-        doc_id = _row_doc_id(row, text)
+        doc_id = row.document_id(text)
         if doc_id in texts and texts[doc_id] != text:
             raise ValueError(f"rows give two different documents the id {doc_id!r}")
         texts[doc_id] = text

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from .metrics import spans_overlap
 from .prompts import answer_text, question_prompt
 from .qa_data import QARow, pubmedqa_fused
 
@@ -84,11 +85,15 @@ def evidence_segments(
 ) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` and the indices of the segments that overlap any character span."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    hits = set()
-    for i, (s, e) in enumerate(enc.offset_mapping):
-        if any(s < end and e > start for start, end in spans):
-            hits.add(i // segment_length)
-    return enc.input_ids, sorted(hits)
+    return enc.input_ids, segments_overlapping(enc.offset_mapping, spans, segment_length)
+
+
+def segments_overlapping(
+    offsets: list[tuple[int, int]], spans: list[tuple[int, int]], segment_length: int
+) -> list[int]:
+    """Indices of the segments (``segment_length`` tokens each) with a token inside any character span."""
+    hits = {i // segment_length for i, token in enumerate(offsets) if any(spans_overlap(token, g) for g in spans)}
+    return sorted(hits)
 
 
 def qa_samples(
