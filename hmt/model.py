@@ -278,7 +278,12 @@ class HMTModel(nn.Module):
             )
             carried = torch.where(seg_valid[:, None], new_memory, prev)
             state = state.push(
-                new_memory, key, seg_valid, state.segments_seen, cfg.num_cached, content if by_content else None
+                new_memory,
+                key,
+                seg_valid,
+                state.segments_seen,
+                cfg.num_cached,
+                content if by_content else None,
             )
             state.carried = carried
         if cfg.uses_sensory:
@@ -304,7 +309,9 @@ class HMTModel(nn.Module):
             masks.append(masks[0])
         hidden, _ = self._run_backbone(torch.cat(parts, dim=1), torch.cat(masks, dim=1))
         new_memory = hidden[:, -1] if memory_token is not None else None
-        content = _masked_mean(hidden[:, offset : offset + length], seg_mask) if memory_token is not None else None
+        content = (
+            _masked_mean(hidden[:, offset : offset + length], seg_mask) if memory_token is not None else None
+        )
         index, start = state.segments_seen, state.tokens_seen
         state, key = self._advance(state, seg_ids, seg_mask, new_memory, content)
         record = SegmentRecord(
@@ -364,7 +371,9 @@ class HMTModel(nn.Module):
             summaries = self.summarize(input_ids, seen)
             if query_ids is not None:
                 j = cfg.summary_length
-                first = self.summarize(query_ids[:, :j], None if query_mask is None else query_mask[:, :j])[:, 0]
+                first = self.summarize(query_ids[:, :j], None if query_mask is None else query_mask[:, :j])[
+                    :, 0
+                ]
                 summaries = torch.cat([first[:, None], summaries[:, 1:]], dim=1)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         n_label = 0
@@ -446,7 +455,9 @@ class HMTModel(nn.Module):
         first, as ``generate`` does (unless ``whole_prompt``); ``query_ids`` as in ``generate``.
         """
         state, tail = self._split_prompt(input_ids, _clone_state(memory_state), whole_prompt)
-        summary = self.summarize((tail if query_ids is None else query_ids)[:, : self.config.summary_length])[:, 0]
+        summary = self.summarize((tail if query_ids is None else query_ids)[:, : self.config.summary_length])[
+            :, 0
+        ]
         if not self.config.uses_recall:
             return summary, None, None
         _, weights = self._memory_token(summary, state)
@@ -475,7 +486,8 @@ class HMTModel(nn.Module):
         memory_state: MemoryState | None = None,
         query_ids: torch.Tensor | None = None,
         whole_prompt: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_hidden: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Log-likelihood of each option continuing the prompt (closed questions).
 
         Args:
@@ -483,9 +495,11 @@ class HMTModel(nn.Module):
             options: 1-D id tensors, one per option.
             memory_state: memory of the document read before the prompt.
             query_ids, whole_prompt: as in ``iter_generate``.
+            return_hidden: also return the last layer's state at the prompt's last token (d,): what
+                the LM head reads to choose the first answer token (a decision head's input).
 
         Returns:
-            (sum of log-probabilities (n_options,), number of option tokens (n_options,)).
+            (sum of log-probabilities (n_options,), number of option tokens (n_options,)[, hidden (d,)]).
         """
         if input_ids.shape[0] != 1:
             raise ValueError("score_options takes one prompt at a time (batch size 1)")
@@ -501,13 +515,20 @@ class HMTModel(nn.Module):
         for i, o in enumerate(options):
             opt_ids[i, : o.numel()] = o.to(self.device)
             opt_mask[i, : o.numel()] = 1
-        embeds = torch.cat([prefix.expand(n, -1, -1), self._embed(opt_ids)], dim=1)
-        mask = torch.cat([prefix_mask.expand(n, -1), opt_mask], dim=1)
-        hidden, _ = self._run_backbone(embeds, mask)
         p = prefix.shape[1]
-        logprobs = torch.log_softmax(self._lm_head(hidden[:, p - 1 : p - 1 + width]).float(), dim=-1)
-        token_lp = logprobs.gather(-1, opt_ids[..., None]).squeeze(-1) * opt_mask
-        return token_lp.sum(dim=1), opt_mask.sum(dim=1)
+        if width == 1:
+            # One token per option (yes/no/maybe): one pass over the prompt scores them all.
+            hidden, _ = self._run_backbone(prefix, prefix_mask)
+            logprobs = torch.log_softmax(self._lm_head(hidden[:, p - 1]).float(), dim=-1)[0]
+            token_lp = logprobs[opt_ids[:, 0]][:, None] * opt_mask
+        else:
+            embeds = torch.cat([prefix.expand(n, -1, -1), self._embed(opt_ids)], dim=1)
+            mask = torch.cat([prefix_mask.expand(n, -1), opt_mask], dim=1)
+            hidden, _ = self._run_backbone(embeds, mask)
+            logprobs = torch.log_softmax(self._lm_head(hidden[:, p - 1 : p - 1 + width]).float(), dim=-1)
+            token_lp = logprobs.gather(-1, opt_ids[..., None]).squeeze(-1) * opt_mask
+        out = (token_lp.sum(dim=1), opt_mask.sum(dim=1))
+        return (*out, hidden[0, p - 1].float()) if return_hidden else out
 
     @torch.no_grad()
     def iter_generate(
@@ -756,7 +777,9 @@ class HMTModel(nn.Module):
         if meta.get("has_adapter") and (path / "adapter").is_dir() and not hasattr(backbone, "peft_config"):
             from peft import PeftModel
 
-            backbone = PeftModel.from_pretrained(backbone, str(path / "adapter"), is_trainable=not merge_adapter)
+            backbone = PeftModel.from_pretrained(
+                backbone, str(path / "adapter"), is_trainable=not merge_adapter
+            )
             if merge_adapter:
                 # Folding LoRA into the weights makes inference as fast as the plain backbone.
                 backbone = backbone.merge_and_unload()
@@ -793,7 +816,9 @@ def _ban_repeated_ngrams(logits: torch.Tensor, generated: list[list[int]], n: in
         if len(tokens) < n:
             continue
         prefix = tuple(tokens[len(tokens) - n + 1 :])
-        banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
+        banned = [
+            tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix
+        ]
         if banned:
             logits[row, banned] = float("-inf")
 
@@ -813,7 +838,11 @@ def _pick(
 
 
 def _last_valid(
-    prev_ids: torch.Tensor | None, prev_mask: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, k: int
+    prev_ids: torch.Tensor | None,
+    prev_mask: torch.Tensor | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The last ``k`` real tokens of [previous sensory tokens, segment] per row, padding in front.
 

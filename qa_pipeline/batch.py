@@ -243,6 +243,9 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
         record["prediction"] = ans.answer
         record["option_scores"] = ans.option_scores
         record["evidence_ranked"] = [[e.char_start, e.char_end] for e in ans.evidence]
+        record["confidence"] = ans.confidence
+        record["abstained"] = ans.abstained
+        record["support"] = None if ans.support is None else [ans.support.char_start, ans.support.char_end]
         record["timings"] = ans.timings
     except (ValueError, OSError, StoreError) as err:  # bad row: record it, keep going
         record["error"] = f"{type(err).__name__}: {err}"

@@ -94,6 +94,54 @@ def cmd_train_recall(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_decision(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from . import decision_recipe
+    from .cli_qa import _engine
+    from .engine import DEFAULT_CHECKPOINT
+    from .train_data import data_dir
+
+    if str(ns.checkpoint).lower() == "none":
+        raise CLIError("train-decision writes into a checkpoint folder: give --checkpoint PATH (or 'default')")
+    checkpoint = DEFAULT_CHECKPOINT if ns.checkpoint == "default" else Path(ns.checkpoint)
+    try:
+        root = data_dir(ns.data_dir)
+        engine = _engine(ns)
+        work = Path(ns.work)
+        store = engine.open_store(work / "store")
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    bars: dict[str, tqdm] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar = bars.get(name) or bars.setdefault(name, tqdm(total=total, desc=name, unit="q", file=sys.stderr, disable=ns.json))
+        bar.update(done - bar.n)
+
+    try:
+        report = decision_recipe.run(engine, root, checkpoint, work, store, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        store.close()
+    emit(
+        report,
+        ns.json,
+        lambda: "\n".join(
+            f"{name}: n={r['n']} classes={r['classes']} chosen: {r['chosen']}\n"
+            + "\n".join(
+                f"  {c['variant']:<16} cv accuracy {c['accuracy']:.3f}  macro-F1 {c['macro_f1']:.3f}  predicted {c['predicted']}"
+                for c in r["cv"]
+            )
+            for name, r in report.items()
+        )
+        + f"\nheads saved in {checkpoint}",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hmtqa", description="Question answering over long biomedical documents with HMT memory."
@@ -116,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, RecallRecipe)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_recall)
+
+    p = sub.add_parser(
+        "train-decision",
+        help="fit a checkpoint's decision heads for closed questions (PubMedQA yes/no/maybe, Evidence "
+        "Inference) on cached answering-pass features of training questions",
+    )
+    from .cli_qa import _engine_args
+
+    _engine_args(p)
+    p.add_argument("--data-dir", default=None, help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)")
+    p.add_argument("--work", default="runs/decision", help="feature cache and scratch store (resumable)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train_decision)
 
     from . import cli_eval, cli_qa, cli_serve  # each module registers its own subcommands
 

@@ -29,6 +29,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--calibrate-options", action=argparse.BooleanOptionalAction, default=defaults.calibrate_options,
         help="closed questions: rank options by score with the document minus score without it",
     )
+    group.add_argument(
+        "--decision-heads", action=argparse.BooleanOptionalAction, default=defaults.decision_heads,
+        help="closed questions in modes hmt/hmt+retrieval: decide with the checkpoint's decision head "
+        "(--no-decision-heads: plain likelihood) and say 'not in the document' below its threshold",
+    )
 
 
 def _engine(ns: argparse.Namespace):
@@ -41,6 +46,7 @@ def _engine(ns: argparse.Namespace):
                 backbone=ns.backbone, checkpoint=checkpoint, dtype=ns.dtype, device=ns.device,
                 full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
                 calibrate_options=ns.calibrate_options, no_repeat_ngram=ns.no_repeat_ngram,
+                decision_heads=ns.decision_heads,
             )
         )
     except (ValueError, OSError, RuntimeError) as err:  # bad --dtype/--device, checkpoint of another width

@@ -21,9 +21,11 @@ import torch
 
 from hmt import DEFAULT_BACKBONE, HMTConfig, HMTModel, load_backbone, resolve_dtype
 
+from .decision import DecisionHeads
 from .documents import Document
 from .prompts import option_text, question_prompt
 from .store import DocumentExists, DocumentInfo, MemoryStore, SegmentInfo, StoreMismatch
+from .support import Support, open_confidence, supporting_sentence
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,9 @@ class EngineConfig:
     device: str | None = None
     segment_length: int = 256  # used without a checkpoint (a checkpoint brings its own)
     sensory_length: int = 32
-    num_cached: int | None = None  # memories the recall attends over; None: the checkpoint's (300 without one)
+    num_cached: int | None = (
+        None  # memories the recall attends over; None: the checkpoint's (300 without one)
+    )
     seed: int = 0
     block_segments: int = 16  # segments fed to the model per streaming step while ingesting
     evidence_k: int = 5  # evidence segments returned with an answer
@@ -69,6 +73,9 @@ class EngineConfig:
     # document minus score without it) instead of by likelihood alone. A small model's prior for an
     # option ("yes") otherwise outweighs what the document says.
     calibrate_options: bool = False
+    # Closed questions in the HMT modes: decide with the checkpoint's decision head for the option set
+    # (qa_pipeline/decision.py) when it has one. False: plain likelihood (for comparisons).
+    decision_heads: bool = True
 
 
 @dataclass
@@ -78,6 +85,9 @@ class Evidence:
     char_end: int
     weight: float  # recall weight (hmt modes) or cosine similarity (dense-rag)
     snippet: str
+
+
+NOT_IN_DOCUMENT = "The document does not seem to say."
 
 
 @dataclass
@@ -91,13 +101,40 @@ class Answer:
     evidence: list[Evidence]
     recall: list[tuple[int, float]]  # (segment, weight) for every recalled segment, by segment
     timings: dict[str, float]
+    # 0-1. Closed: the probability of the chosen option. Open: from the answer's likelihood and how
+    # concentrated the recall is (see ``open_confidence``).
+    confidence: float | None = None
+    # True when confidence fell below the checkpoint's threshold: ``answer`` then says the document
+    # does not seem to say (the model's own best answer stays in option_scores / is not shown).
+    abstained: bool = False
+    support: Support | None = None  # the evidence sentence that supports the answer
     query: list[float] | None = field(default=None, repr=False)  # the recall query q, for plots
+    # Closed questions: each option's log-likelihood and the state the decision is read from (the
+    # decision head's inputs; kept out of the JSON record).
+    option_logprobs: list[float] | None = field(default=None, repr=False)
+    decision_state: np.ndarray | None = field(default=None, repr=False)
 
     def to_json(self, with_query: bool = False) -> dict:
         data = asdict(self)
         if not with_query:
             data.pop("query")
+        data.pop("option_logprobs")
+        data.pop("decision_state")
         return data
+
+
+@dataclass
+class _Response:
+    """What answering produced, before evidence and timings are added."""
+
+    answer: str
+    option_scores: dict[str, float] | None
+    first_token_s: float
+    confidence: float | None = None  # closed: probability of the chosen option
+    threshold: float | None = None  # the decision head's "not in the document" threshold
+    answer_logprob: float | None = None  # open: mean token log-likelihood of the answer
+    option_logprobs: list[float] | None = None
+    decision_state: np.ndarray | None = None
 
 
 class Engine:
@@ -106,12 +143,18 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.model, self.tokenizer, self.checkpoint_id = self._load_model()
+        # Closed questions' decision heads and the "not in the document" thresholds (checkpoint's).
+        self.decision_heads = (
+            DecisionHeads.load(self._checkpoint_path) if self._checkpoint_path else DecisionHeads()
+        )
         self.model.eval()
         cfg = self.config
         # Modes dense-rag and none use the plain backbone: one segment as wide as the window.
         self.plain = HMTModel(
             self.model.backbone,
-            HMTConfig(segment_length=cfg.full_context_tokens, sensory_length=0, mode="none", backbone=cfg.backbone),
+            HMTConfig(
+                segment_length=cfg.full_context_tokens, sensory_length=0, mode="none", backbone=cfg.backbone
+            ),
         ).eval()
         self._dense = None
         self._dense_indexes: OrderedDict[tuple[str, str], object] = OrderedDict()
@@ -123,7 +166,12 @@ class Engine:
         cfg = self.config
         checkpoint = cfg.checkpoint
         if checkpoint == "default":
-            checkpoint = str(DEFAULT_CHECKPOINT) if cfg.backbone == DEFAULT_BACKBONE and DEFAULT_CHECKPOINT.is_dir() else None
+            checkpoint = (
+                str(DEFAULT_CHECKPOINT)
+                if cfg.backbone == DEFAULT_BACKBONE and DEFAULT_CHECKPOINT.is_dir()
+                else None
+            )
+        self._checkpoint_path = Path(checkpoint) if checkpoint else None
         backbone, tokenizer = load_backbone(cfg.backbone, dtype="float32", device=cfg.device)
         if checkpoint:
             model = HMTModel.from_pretrained(checkpoint, backbone=backbone)
@@ -236,9 +284,7 @@ class Engine:
                     summaries.append(r.summary[0].float().cpu().numpy().copy())
                     memories.append(r.memory[0].float().cpu().numpy().copy())
                     keys.append(r.recall_key[0].float().cpu().numpy().copy())
-                    segments.append(
-                        SegmentInfo(document.doc_id, r.index, r.token_start, r.token_end, 0, 0)
-                    )
+                    segments.append(SegmentInfo(document.doc_id, r.index, r.token_start, r.token_end, 0, 0))
                 if progress is not None:
                     elapsed = time.perf_counter() - start
                     progress(len(segments), total, min(pos + block, n_tokens) / max(elapsed, 1e-9))
@@ -290,11 +336,17 @@ class Engine:
         while pos < len(text):
             end = min(len(text), pos + chunk_chars)
             if end < len(text):
-                cut = max(text.rfind(" ", pos + chunk_chars // 2, end), text.rfind("\n", pos + chunk_chars // 2, end))
+                cut = max(
+                    text.rfind(" ", pos + chunk_chars // 2, end),
+                    text.rfind("\n", pos + chunk_chars // 2, end),
+                )
                 end = cut if cut > pos else end
             try:
                 enc = self.tokenizer(
-                    text[pos:end], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+                    text[pos:end],
+                    add_special_tokens=False,
+                    return_offsets_mapping=True,
+                    split_special_tokens=True,
                 )
             except TypeError:  # a tokenizer without split_special_tokens
                 enc = self.tokenizer(text[pos:end], add_special_tokens=False, return_offsets_mapping=True)
@@ -454,7 +506,12 @@ class Engine:
             prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, context))
         else:
             model = self.plain
-            budget = self.config.full_context_tokens - question_ids.shape[1] - (max_new_tokens or self.config.max_new_tokens) - 16
+            budget = (
+                self.config.full_context_tokens
+                - question_ids.shape[1]
+                - (max_new_tokens or self.config.max_new_tokens)
+                - 16
+            )
             if budget <= 0:
                 raise QAError(
                     f"mode 'none' has no room for the document: full_context_tokens="
@@ -464,28 +521,47 @@ class Engine:
             evidence = [Evidence(-1, 0, window_end, 1.0, text[:300])]
             prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, text[:window_end]))
         recall_s = time.perf_counter() - start
-        answer, scores, first_token_s = self._respond(
-            model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start,
+        response = self._respond(
+            model,
+            prompt_ids,
+            question_ids,
+            state,
+            options,
+            max_new_tokens,
+            on_token,
+            start,
             recall_ids if model is self.model else None,
         )
+        confidence = response.confidence
+        if confidence is None:
+            confidence = open_confidence(response.answer_logprob, recall)
+        threshold = response.threshold if options else self.decision_heads.open_threshold
+        abstained = bool(threshold and confidence is not None and confidence < threshold)
         total_s = time.perf_counter() - start
         result = Answer(
             doc_id=info.doc_id,
             question=question,
             mode=mode,
-            answer=answer,
+            answer=NOT_IN_DOCUMENT if abstained else response.answer,
             options=options,
-            option_scores=scores,
+            option_scores=response.option_scores,
             evidence=evidence,
             recall=recall,
-            timings={"recall_s": recall_s, "first_token_s": first_token_s, "total_s": total_s},
+            timings={"recall_s": recall_s, "first_token_s": response.first_token_s, "total_s": total_s},
+            confidence=confidence,
+            abstained=abstained,
+            support=supporting_sentence(text, evidence, response.answer, question),
             query=query,
+            option_logprobs=response.option_logprobs,
+            decision_state=response.decision_state,
         )
         if record and store.writable:
             store.add_answer(doc_id, question, mode, result.to_json())
         return result
 
-    def _respond(self, model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start, recall_ids):
+    def _respond(
+        self, model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start, recall_ids
+    ):
         """Score the options (closed question) or generate (open question).
 
         ``question_ids`` is the question's prompt without any document: the baseline of calibrated scores.
@@ -494,14 +570,7 @@ class Engine:
         memory_kw = {"query_ids": recall_ids, "whole_prompt": True} if recall_ids is not None else {}
         with torch.inference_mode():
             if options:
-                option_ids = [self._encode(option_text(o, self.tokenizer))[0] for o in options]
-                totals, _ = model.score_options(prompt_ids, option_ids, state, **memory_kw)
-                if self.config.calibrate_options:
-                    # The same model, the question alone: no memory, no document in the prompt.
-                    prior, _ = model.score_options(question_ids, option_ids, None)
-                    totals = totals - prior
-                scores = {o: float(s) for o, s in zip(options, totals.tolist(), strict=True)}
-                return max(scores, key=scores.get), scores, time.perf_counter() - start
+                return self._decide(model, prompt_ids, question_ids, state, options, start, memory_kw)
             first, new = None, []
             for step in model.iter_generate(
                 prompt_ids,
@@ -517,7 +586,46 @@ class Engine:
                 new.append(int(step[0]))
                 if on_token is not None:
                     on_token(self.tokenizer.decode(new, skip_special_tokens=True))
-            return self.tokenizer.decode(new, skip_special_tokens=True).strip(), None, first or 0.0
+            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            answer_logprob = None
+            if new:
+                # The answer's mean token log-likelihood under the same pass (one more forward).
+                total, count = model.score_options(prompt_ids, [torch.tensor(new)], state, **memory_kw)
+                answer_logprob = float(total[0] / count[0])
+            return _Response(text, None, first or 0.0, answer_logprob=answer_logprob)
+
+    def _decide(self, model, prompt_ids, question_ids, state, options, start, memory_kw) -> _Response:
+        """A closed question's answer: the decision head's choice where the checkpoint has one for
+        these options, else the option with the highest (optionally calibrated) likelihood."""
+        option_ids = [self._encode(option_text(o, self.tokenizer))[0] for o in options]
+        totals, _, hidden = model.score_options(
+            prompt_ids, option_ids, state, return_hidden=True, **memory_kw
+        )
+        logprobs, hidden = totals.numpy(), hidden.numpy()
+        # The head is fitted on the HMT model's answering pass; the plain backbone keeps likelihood.
+        decided = self.decision_heads.decide(options, logprobs, hidden) if model is self.model else None
+        threshold = None
+        if decided is not None:
+            probs, threshold = decided
+            scores = {o: float(np.log(max(p, 1e-300))) for o, p in zip(options, probs, strict=True)}
+        else:
+            if self.config.calibrate_options:
+                # The same model, the question alone: no memory, no document in the prompt.
+                prior, _ = model.score_options(question_ids, option_ids, None)
+                totals = totals - prior
+            scores = {o: float(s) for o, s in zip(options, totals.tolist(), strict=True)}
+            probs = np.exp(totals.numpy() - totals.numpy().max())
+            probs = probs / probs.sum()
+        best = max(scores, key=scores.get)
+        return _Response(
+            best,
+            scores,
+            time.perf_counter() - start,
+            confidence=float(probs.max()),
+            threshold=threshold,
+            option_logprobs=logprobs.tolist(),
+            decision_state=hidden,
+        )
 
     def _segment_evidence(
         self, store: MemoryStore, doc_id: str, text: str, recall: list[tuple[int, float]], k: int
@@ -551,10 +659,7 @@ class Engine:
             else:
                 self._dense_indexes.move_to_end(key)
         hits = index.search(question, k=max(self.config.dense_k, self.config.evidence_k))
-        return [
-            Evidence(int(i), int(s), int(e), float(score), text[s:e][:400])
-            for (i, s, e), score in hits
-        ]
+        return [Evidence(int(i), int(s), int(e), float(score), text[s:e][:400]) for (i, s, e), score in hits]
 
     @staticmethod
     def _context(text: str, evidence: list[Evidence]) -> str:

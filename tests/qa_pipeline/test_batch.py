@@ -72,6 +72,10 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
         if rec["options"]:
             assert rec["prediction"] in OPTIONS and set(rec["option_scores"]) == set(OPTIONS)
         assert rec["evidence_ranked"] and all(s < e for s, e in rec["evidence_ranked"])
+        assert 0 <= rec["confidence"] <= 1 and rec["abstained"] is False  # no checkpoint: no threshold
+        # The supporting sentence lies inside one of the answer's evidence passages.
+        s0, e0 = rec["support"]
+        assert s0 < e0 and any(s <= s0 and e0 <= e for s, e in rec["evidence_ranked"][:3])
     assert sum("ingest" in r for r in records) == 3  # three documents, each read once
     assert (tmp_path / "results-store").is_dir()
 

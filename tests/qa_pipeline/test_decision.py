@@ -1,0 +1,141 @@
+"""Decision heads: fitted on features, saved with a checkpoint, used by ``ask`` for closed questions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qa_pipeline.decision import DecisionHeads, OptionHead, fit_option_head, head_probs
+from qa_pipeline.decision_recipe import cross_validate
+from qa_pipeline.metrics import macro_f1
+
+OPTIONS = ["yes", "no", "maybe"]
+
+
+def prior_dominated(n: int, seed: int, d: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels skewed 6:3:1; the likelihood always prefers "yes" by a wide margin (a small LM's prior)
+    and carries no information; one direction of the hidden state carries the label, with noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(3, size=n, p=[0.6, 0.3, 0.1])
+    logprobs = np.log(np.array([0.8, 0.15, 0.05]))[None].repeat(n, 0) + rng.normal(0, 0.1, (n, 3))
+    hidden = rng.normal(0, 1, (n, d))
+    hidden[:, :3] += 2.5 * np.eye(3)[labels]
+    return logprobs, hidden, labels
+
+
+def test_head_learns_the_decision_that_likelihood_misses():
+    lp, hid, y = prior_dominated(400, seed=0)
+    test_lp, test_hid, test_y = prior_dominated(400, seed=1)
+    assert (test_lp.argmax(1) == 0).all()  # likelihood: one class
+    head = fit_option_head(OPTIONS, lp, hid, y, l2=1.0)
+    pred = head_probs(head, test_lp, test_hid).argmax(1)
+    assert (pred == test_y).mean() > 0.85
+    assert macro_f1(pred.tolist(), test_y.tolist(), labels=[0, 1, 2]) > 0.8
+    assert set(pred.tolist()) == {0, 1, 2}  # class balance: the rare class is predicted too
+
+
+def test_calibration_only_moves_the_prior_and_predicts_every_class():
+    rng = np.random.default_rng(0)
+    y = rng.choice(3, size=300)
+    # Likelihood knows the label, but "yes" gets +3 nats for free: argmax says "yes" almost always.
+    lp = np.log(np.full((300, 3), 0.1)) + 2.0 * np.eye(3)[y] + np.array([3.0, 0.0, 0.0]) + rng.normal(0, 0.5, (300, 3))
+    assert (lp.argmax(1) == 0).mean() > 0.9
+    head = fit_option_head(OPTIONS, lp, np.zeros((300, 4)), y, use_hidden=False)
+    assert not head.weight.any()
+    pred = head_probs(head, lp, np.zeros((300, 4))).argmax(1)
+    assert (pred == y).mean() > 0.85
+    # The free 3 nats of "yes" are taken back (in units of the fitted likelihood weight).
+    assert (head.bias[1] - head.bias[0]) / head.lm_weight == pytest.approx(3.0, abs=0.75)
+
+
+def test_cross_validation_prefers_the_head_when_the_state_carries_the_answer():
+    lp, hid, y = prior_dominated(200, seed=2)
+    cv = {r["variant"]: r for r in cross_validate(OPTIONS, lp, hid, y)}
+    assert cv["likelihood"]["predicted"][1:] == [0, 0]
+    assert max(r["macro_f1"] for name, r in cv.items() if name.startswith("head")) > cv["likelihood"]["macro_f1"] + 0.4
+
+
+def test_heads_round_trip_and_match_options_in_any_order_and_case(tmp_path):
+    d = 8
+    head = OptionHead(
+        options=["yes", "no", "maybe"], lm_weight=0.5, bias=np.array([0.0, 1.0, -1.0]),
+        weight=np.arange(3 * d, dtype=float).reshape(3, d) / 10, center=np.ones(d), scale=np.full(d, 2.0),
+        threshold=0.4, info={"n": 3},
+    )
+    DecisionHeads([head], open_threshold=0.2).save(tmp_path)
+    loaded = DecisionHeads.load(tmp_path)
+    assert loaded.open_threshold == pytest.approx(0.2)
+    lp, hid = np.array([-1.0, -2.0, -3.0]), np.linspace(-1, 1, d)
+    probs, threshold = loaded.decide(["yes", "no", "maybe"], lp, hid)
+    assert threshold == pytest.approx(0.4)
+    # Same options, another order and case: the same probability for each option.
+    perm = [2, 0, 1]
+    probs2, _ = loaded.decide(["Maybe", "YES", " no"], lp[perm], hid)
+    assert probs2 == pytest.approx(probs[perm], rel=1e-5)
+    assert loaded.decide(["increased", "decreased"], lp[:2], hid) is None
+    assert not DecisionHeads.load(tmp_path / "nothing")
+
+
+def _checkpoint_with_head(tmp_path, bias, threshold=0.0):
+    from hmt import HMTConfig, HMTModel, load_backbone
+
+    backbone, _ = load_backbone("tiny-random")
+    ckpt = tmp_path / "ckpt"
+    model = HMTModel(backbone, HMTConfig(segment_length=64, sensory_length=8))
+    model.save_pretrained(ckpt)
+    d = model.hidden_size
+    head = OptionHead(
+        options=["yes", "no", "maybe"], lm_weight=0.0, bias=np.asarray(bias, dtype=float), weight=np.zeros((3, d)),
+        center=np.zeros(d), scale=np.ones(d), threshold=threshold,
+    )
+    DecisionHeads([head]).save(ckpt)
+    return ckpt
+
+
+def test_ask_decides_with_the_checkpoints_head_in_hmt_modes_only(tmp_path):
+    from qa_pipeline.documents import load_text
+    from qa_pipeline.engine import Engine, EngineConfig
+
+    ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 8.0])
+    engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4))
+    store = engine.open_store(tmp_path / "store")
+    engine.ingest(store, load_text("Aspirin lowered the risk in the trial. " * 40, doc_id="d"))
+    for mode in ("hmt", "hmt+retrieval"):
+        ans = engine.ask(store, "d", "Did aspirin lower the risk?", mode=mode, options=["Yes", "no", "maybe"], record=False)
+        assert ans.answer == "maybe" and ans.confidence > 0.99 and not ans.abstained
+        assert sum(np.exp(list(ans.option_scores.values()))) == pytest.approx(1.0)
+        assert ans.to_json()["confidence"] == ans.confidence and "decision_state" not in ans.to_json()
+    # The plain backbone (dense-rag, none) keeps likelihood: the head was fitted on HMT's answering pass.
+    ans = engine.ask(store, "d", "Did aspirin lower the risk?", mode="none", options=["yes", "no", "maybe"], record=False)
+    lp = dict(zip(["yes", "no", "maybe"], ans.option_logprobs, strict=True))
+    assert ans.option_scores == pytest.approx(lp) and ans.answer == max(lp, key=lp.get)
+
+
+def test_below_the_threshold_the_answer_says_the_document_does_not_say(tmp_path):
+    from qa_pipeline.documents import load_text
+    from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine, EngineConfig
+
+    ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 0.0], threshold=0.5)  # a flat head: p = 1/3 < 0.5
+    engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4))
+    store = engine.open_store(tmp_path / "store")
+    engine.ingest(store, load_text("Aspirin lowered the risk in the trial. " * 40, doc_id="d"))
+    ans = engine.ask(store, "d", "Did aspirin lower the risk?", options=["yes", "no", "maybe"], record=False)
+    assert ans.abstained and ans.answer == NOT_IN_DOCUMENT
+    assert ans.confidence == pytest.approx(1 / 3)
+    assert set(ans.option_scores) == {"yes", "no", "maybe"}  # the model's scores stay visible
+
+
+def test_threshold_turns_away_at_most_a_tenth_of_answerable_questions():
+    from qa_pipeline.decision import fit_threshold
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.uniform(0.5, 1.0, 200), rng.uniform(0.3, 0.55, 200)
+    correct = pos > 0.6  # low confidence, wrong answers
+    t, info = fit_threshold(pos, correct, neg)
+    assert 0.5 < t < 0.6 and info["positives_abstained"] <= 0.1
+    assert info["negatives_abstained"] > 0.8
+    assert info["accuracy_kept_positives"] > info["accuracy_all_positives"]
+    # Confidence that does not tell the two apart catches no more negatives than positives.
+    same = rng.uniform(0.3, 1.0, 400)
+    _, info = fit_threshold(same[:200], np.ones(200, bool), same[200:])
+    assert abs(info["negatives_abstained"] - info["positives_abstained"]) < 0.07
