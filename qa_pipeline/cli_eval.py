@@ -42,7 +42,9 @@ def cmd_ppl(ns: argparse.Namespace) -> int:
     result = ppl_by_context(
         model, token_ids, contexts=contexts, modes=modes, max_windows=ns.max_windows, progress=progress
     )
-    result.update({"checkpoint": ns.checkpoint, "backbone": ns.backbone, "dtype": ns.dtype, "texts": ns.texts or "all"})
+    result.update(
+        {"checkpoint": ns.checkpoint, "backbone": ns.backbone, "dtype": ns.dtype, "texts": ns.texts or "all"}
+    )
     if ns.out:
         Path(ns.out).write_text(json.dumps(result, indent=2))
     emit(result, ns.json, lambda: format_ppl(result))
@@ -50,22 +52,62 @@ def cmd_ppl(ns: argparse.Namespace) -> int:
 
 
 def cmd_qa(ns: argparse.Namespace) -> int:
-    from .batch import run_batch
-    from .cli_qa import _engine, format_metrics
-    from .train_data import data_dir, pubmedqa_split
+    from tqdm.auto import tqdm
+
+    from .cli_qa import _engine, _store_errors
+    from .engine import ANSWER_MODES
+    from .qa_eval import SETS, format_markdown, load_eval_set, run_qa_eval
+    from .train_data import data_dir
+
+    sets = [s.strip() for s in ns.sets.split(",") if s.strip()]
+    modes = tuple(m.strip() for m in ns.modes.split(",") if m.strip())
+    bad = [s for s in sets if s not in SETS] + [m for m in modes if m not in ANSWER_MODES]
+    if bad or not sets or not modes:
+        raise CLIError(
+            f"unknown set(s) or mode(s) {bad or [ns.sets, ns.modes]}; sets: {', '.join(SETS)}; "
+            f"modes: {', '.join(ANSWER_MODES)}"
+        )
+    if ns.bootstrap < 0:
+        raise CLIError("--bootstrap must be >= 0")
+    out = Path(ns.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; eval qa now writes a folder (<out>/<set>.jsonl, summary.md)")
+    bars: dict[str, tqdm] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar = bars.get(name)
+        if bar is None:
+            bar = bars[name] = tqdm(total=total, desc=name, unit="answer", file=sys.stderr)
+        bar.update(done - bar.n)
 
     try:
         root = data_dir(ns.data_dir)
-        _, heldout = pubmedqa_split(root, num_docs=ns.fuse, seed=ns.seed)
-        rows = heldout[: ns.limit] if ns.limit else heldout
-        engine = _engine(ns)
-        out = Path(ns.out)
-        store = engine.open_store(ns.store or str(out.with_suffix("")) + "-store")
-    except (FileNotFoundError, ValueError) as err:
+        rows = {s: load_eval_set(s, root, limit=ns.limit, fuse=ns.fuse, seed=ns.seed) for s in sets}
+        try:
+            result = run_qa_eval(
+                rows,
+                out,
+                modes,
+                engine_factory=lambda: _engine(ns),
+                store_dir=ns.store or out / "store",
+                resamples=ns.bootstrap,
+                progress=None if ns.json else progress,
+                meta={
+                    "fuse": ns.fuse,
+                    "seed": ns.seed,
+                    "limit": ns.limit,
+                    "checkpoint": ns.checkpoint,
+                    "backbone": ns.backbone,
+                    "dtype": ns.dtype,
+                    "out": str(out),
+                },
+            )
+        finally:
+            for bar in bars.values():
+                bar.close()
+    except (*_store_errors(), ValueError) as err:
         raise CLIError(str(err)) from err
-    modes = tuple(m.strip() for m in ns.modes.split(","))
-    metrics = run_batch(engine, rows, out, store, modes=modes)
-    emit({"metrics": metrics, "rows": len(rows), "fuse": ns.fuse}, ns.json, lambda: format_metrics(metrics))
+    emit(result, ns.json, lambda: format_markdown(result))
     return 0
 
 
@@ -111,8 +153,15 @@ def cmd_recall(ns: argparse.Namespace) -> int:
 
         try:
             result = run_recall_eval(
-                engine, root, store, sets=sets, limit_docs=ns.limit_docs, limit_questions=ns.limit_questions,
-                methods=methods, details=ns.details, progress=progress,
+                engine,
+                root,
+                store,
+                sets=sets,
+                limit_docs=ns.limit_docs,
+                limit_questions=ns.limit_questions,
+                methods=methods,
+                details=ns.details,
+                progress=progress,
             )
         finally:
             for bar in bars.values():
@@ -123,8 +172,9 @@ def cmd_recall(ns: argparse.Namespace) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    result.update({"checkpoint": ns.checkpoint, "backbone": ns.backbone, "dtype": ns.dtype,
-                   "store": ns.store})
+    result.update(
+        {"checkpoint": ns.checkpoint, "backbone": ns.backbone, "dtype": ns.dtype, "store": ns.store}
+    )
     if ns.out:
         Path(ns.out).write_text(json.dumps(result, indent=2, default=str))
     emit(result, ns.json, lambda: format_recall(result))
@@ -133,8 +183,12 @@ def cmd_recall(ns: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from .cli_qa import _engine_args
+    from .engine import ANSWER_MODES
+    from .qa_eval import SETS as QA_SETS
 
-    p = sub.add_parser("eval", help="evaluate on held-out data: perplexity by context, PubMedQA, segment recall")
+    p = sub.add_parser(
+        "eval", help="evaluate on held-out data: perplexity by context, QA answers, segment recall"
+    )
     evsub = p.add_subparsers(dest="what", required=True)
 
     q = evsub.add_parser("ppl", help="perplexity of the segment after X tokens, per mode (held-out text)")
@@ -152,15 +206,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_ppl)
 
-    q = evsub.add_parser("qa", help="held-out fused PubMedQA: accuracy, macro-F1, recall hit@1")
-    q.add_argument("--data-dir")
-    q.add_argument("--fuse", type=int, default=8)
-    q.add_argument("--limit", type=int, default=100)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--modes", default="hmt")
-    q.add_argument("--out", required=True, help="results JSONL")
-    q.add_argument("--store")
-    q.add_argument("--json", action="store_true")
+    q = evsub.add_parser(
+        "qa",
+        help="answers on PubMedQA, COVID-QA and Evidence Inference dev rows, every mode, with 95%% CIs",
+        description="Answer the held-out rows of each set in each mode (hmtqa batch, resumable) and "
+        "report per set and mode: accuracy and macro-F1 (closed sets) or token F1 and exact match "
+        "(COVID-QA), each with a 95% percentile bootstrap interval over rows, errors and abstentions "
+        "(counted as wrong), how often each option was predicted (closed) or the share of answers "
+        "repeating an 8-token phrase (open), and the majority-class and uniform-chance lines. "
+        "pubmedqa: fused PubMedQA questions 401-500; covid-qa and evidence-inference: eval half of "
+        "the articles (stable hash of the article id). Writes OUT/<set>.jsonl, OUT/summary.json and "
+        "OUT/summary.md.",
+    )
+    q.add_argument("--data-dir", help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)")
+    q.add_argument("--sets", default=",".join(QA_SETS), help="comma-separated, from " + ", ".join(QA_SETS))
+    q.add_argument("--fuse", type=int, default=8, help="abstracts per fused PubMedQA document")
+    q.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        help="max rows per set (0: all); COVID-QA questions are dealt round-robin over articles",
+    )
+    q.add_argument("--seed", type=int, default=0, help="seed of the PubMedQA distractors")
+    q.add_argument(
+        "--modes", default=",".join(ANSWER_MODES), help=f"comma-separated, from {', '.join(ANSWER_MODES)}"
+    )
+    q.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none; seed 0)"
+    )
+    q.add_argument("--out", required=True, help="output folder: one resumable JSONL per set and the summary")
+    q.add_argument("--store", help="memory store folder (default: OUT/store)")
+    q.add_argument("--json", action="store_true", help="print the whole result as JSON")
     _engine_args(q)
     q.set_defaults(func=cmd_qa)
 
@@ -172,12 +248,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Evidence Inference: eval half of the articles only (stable hash of the article id).",
     )
     q.add_argument("--data-dir", help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)")
-    q.add_argument("--sets", default="pubmedqa-8,pubmedqa-32,covidqa,evidence-inference",
-                   help="comma-separated data sets")
+    q.add_argument(
+        "--sets",
+        default="pubmedqa-8,pubmedqa-32,covidqa,evidence-inference",
+        help="comma-separated data sets",
+    )
     q.add_argument("--methods", default="hmt,dense,bm25", help="comma-separated, from hmt, dense, bm25")
     q.add_argument("--limit-docs", type=int, default=40, help="max documents per set (file order)")
-    q.add_argument("--limit-questions", type=int, default=100,
-                   help="max questions per set, dealt round-robin over those documents")
+    q.add_argument(
+        "--limit-questions",
+        type=int,
+        default=100,
+        help="max questions per set, dealt round-robin over those documents",
+    )
     q.add_argument("--store", help="memory store folder to reuse/fill (default: a temporary one)")
     q.add_argument("--details", action="store_true", help="per-question rankings in the JSON ('questions')")
     q.add_argument("--out", help="write the JSON result here too")
