@@ -321,7 +321,9 @@ def test_support_in_gold_evidence_counts_rows_whose_sentence_overlaps_it():
     from qa_pipeline.qa_eval import evaluate_set
 
     rows = [
-        QARow(row_id=f"r{i}", question="q?", document="x" * 100, doc_id="d", answer="a b", evidence=[(10, 20)])
+        QARow(
+            row_id=f"r{i}", question="q?", document="x" * 100, doc_id="d", answer="a b", evidence=[(10, 20)]
+        )
         for i in range(4)
     ]
     supports = [[12, 18], [0, 9], [19, 40], None]
