@@ -10,6 +10,7 @@ in seconds, its penalty chosen by cross-validated macro-F1 on the training quest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .decision import DecisionHeads, OptionHead, fit_option_head, head_probs, option_key
+from .decision import DecisionHeads, OptionHead, fit_option_head, fit_threshold, head_probs, option_key
 from .documents import Document
 from .engine import Engine
-from .metrics import macro_f1
-from .qa_data import QARow, evidence_inference, pubmedqa_fused
+from .metrics import macro_f1, token_f1
+from .qa_data import QARow, covid_qa, evidence_inference, pubmedqa_fused
 from .recall_eval import is_train_article
 from .store import MemoryStore
 from .train_data import PUBMEDQA, PUBMEDQA_TRAIN
@@ -50,8 +51,13 @@ def pubmedqa_training_rows(root: Path, *, group: int = 8, seed: int = 0) -> list
         for r, t in zip(members, texts, strict=True):
             rows.append(
                 QARow(
-                    row_id=r.row_id, question=r.question, document=document, doc_id=doc_id,
-                    options=r.options, answer=r.answer, evidence=[(pos, pos + len(t))],
+                    row_id=r.row_id,
+                    question=r.question,
+                    document=document,
+                    doc_id=doc_id,
+                    options=r.options,
+                    answer=r.answer,
+                    evidence=[(pos, pos + len(t))],
                 )
             )
             pos += len(t) + 2
@@ -90,30 +96,40 @@ def extract(
     return {m: {k: np.asarray(v) for k, v in d.items()} for m, d in out.items()}
 
 
-def _folds(n: int, k: int, seed: int = 0) -> list[np.ndarray]:
-    idx = np.random.default_rng(seed).permutation(n)
-    return [idx[f::k] for f in range(k)]
+def _folds(groups: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k`` folds of row indices; rows of one group (one question, asked in several modes) stay together."""
+    unique = np.random.default_rng(seed).permutation(np.unique(groups))
+    return [np.flatnonzero(np.isin(groups, unique[f::k])) for f in range(k)]
 
 
 def cross_validate(
-    options: list[str], logprobs: np.ndarray, hidden: np.ndarray, labels: np.ndarray, *, folds: int = 5
+    options: list[str],
+    logprobs: np.ndarray,
+    hidden: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    folds: int = 5,
 ) -> list[dict]:
     """Cross-validated accuracy and macro-F1 of plain likelihood, calibration only, and the full
-    head at each penalty in ``L2_GRID``."""
+    head at each penalty in ``L2_GRID``, with each variant's out-of-fold probabilities (``probs``)."""
     n_opt = len(options)
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
     results = []
     variants = [("likelihood", None), ("calibration", 0.0)] + [(f"head l2={l2:g}", l2) for l2 in L2_GRID]
     for name, l2 in variants:
-        preds = np.zeros(len(labels), dtype=np.int64)
-        for test in _folds(len(labels), folds):
+        probs = np.zeros((len(labels), n_opt))
+        for test in _folds(groups, folds):
             train = np.setdiff1d(np.arange(len(labels)), test)
             if l2 is None:
-                preds[test] = logprobs[test].argmax(axis=1)
+                z = logprobs[test] - logprobs[test].max(axis=1, keepdims=True)
+                probs[test] = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
                 continue
             head = fit_option_head(
                 options, logprobs[train], hidden[train], labels[train], l2=l2 or 1.0, use_hidden=l2 != 0.0
             )
-            preds[test] = head_probs(head, logprobs[test], hidden[test]).argmax(axis=1)
+            probs[test] = head_probs(head, logprobs[test], hidden[test])
+        preds = probs.argmax(axis=1)
         results.append(
             {
                 "variant": name,
@@ -121,29 +137,106 @@ def cross_validate(
                 "accuracy": float((preds == labels).mean()),
                 "macro_f1": macro_f1(preds.tolist(), labels.tolist(), labels=list(range(n_opt))),
                 "predicted": np.bincount(preds, minlength=n_opt).tolist(),
+                "probs": probs,
             }
         )
     return results
 
 
-def fit_heads(features: dict[str, dict[str, dict[str, np.ndarray]]], options_by_set: dict[str, list[str]]) -> tuple[DecisionHeads, dict]:
+def _pooled(by_mode: dict[str, dict[str, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Features of every mode stacked, with each row's question index as its group."""
+    lp = np.concatenate([d["logprobs"] for d in by_mode.values()])
+    hid = np.concatenate([d["hidden"] for d in by_mode.values()])
+    y = np.concatenate([d["labels"] for d in by_mode.values()])
+    groups = np.concatenate([np.arange(len(d["labels"])) for d in by_mode.values()])
+    return lp, hid, y, groups
+
+
+def fit_heads(
+    features: dict[str, dict[str, dict[str, np.ndarray]]],
+    options_by_set: dict[str, list[str]],
+    negatives: dict[str, dict[str, dict[str, np.ndarray]]] | None = None,
+) -> tuple[DecisionHeads, dict]:
     """One head per option set, fitted on the features of every mode pooled; the variant with the
-    best cross-validated macro-F1 is kept (plain likelihood when nothing beats it)."""
+    best cross-validated macro-F1 is kept (plain likelihood when nothing beats it).
+
+    With ``negatives`` (the same questions asked of a document without their answer), each head
+    gets a "not in the document" threshold (:func:`fit_threshold`) from the out-of-fold confidence
+    of the training questions and the head's confidence on the negatives.
+    """
     heads, report = [], {}
     for name, by_mode in features.items():
         options = [" ".join(o.lower().split()) for o in options_by_set[name]]
-        lp = np.concatenate([d["logprobs"] for d in by_mode.values()])
-        hid = np.concatenate([d["hidden"] for d in by_mode.values()])
-        y = np.concatenate([d["labels"] for d in by_mode.values()])
-        cv = cross_validate(options, lp, hid, y)
+        lp, hid, y, groups = _pooled(by_mode)
+        cv = cross_validate(options, lp, hid, y, groups)
         best = max(cv, key=lambda r: (r["macro_f1"], r["accuracy"]))
-        report[name] = {"n": int(len(y)), "classes": np.bincount(y, minlength=len(options)).tolist(), "cv": cv, "chosen": best["variant"]}
+        report[name] = {
+            "n_questions": int(len(np.unique(groups))),
+            "n_rows": int(len(y)),
+            "modes": list(by_mode),
+            "classes": np.bincount(y, minlength=len(options)).tolist(),
+            "cv": [{k: v for k, v in r.items() if k != "probs"} for r in cv],
+            "chosen": best["variant"],
+        }
         if best["l2"] is None:
             continue
         head = fit_option_head(options, lp, hid, y, l2=best["l2"] or 1.0, use_hidden=best["l2"] != 0.0)
-        head.info = {"set": name, "n": int(len(y)), "modes": list(by_mode), "variant": best["variant"], "cv_macro_f1": best["macro_f1"], "cv_accuracy": best["accuracy"]}
+        head.info = {
+            "set": name,
+            "n_questions": report[name]["n_questions"],
+            "modes": list(by_mode),
+            "variant": best["variant"],
+            "cv_macro_f1": best["macro_f1"],
+            "cv_accuracy": best["accuracy"],
+        }
+        if negatives and name in negatives:
+            nlp, nhid, _, _ = _pooled(negatives[name])
+            oof = best["probs"]
+            head.threshold, report[name]["threshold"] = fit_threshold(
+                oof.max(axis=1), oof.argmax(axis=1) == y, head_probs(head, nlp, nhid).max(axis=1)
+            )
         heads.append(head)
     return DecisionHeads(heads), report
+
+
+def negative_rows(rows: list[QARow], limit: int = 100) -> list[QARow]:
+    """The first ``limit`` questions, each asked of the next other document of the set (which does
+    not hold its answer): what "not in the document" looks like to the model."""
+    docs: list[QARow] = []
+    for row in rows:
+        if row.document_id() not in {d.document_id() for d in docs}:
+            docs.append(row)
+    out = []
+    for row in rows[:limit]:
+        i = next(j for j, d in enumerate(docs) if d.document_id() == row.document_id())
+        other = docs[(i + 1) % len(docs)]
+        out.append(
+            dataclasses.replace(
+                row,
+                row_id=row.row_id + "-neg",
+                document=other.document,
+                document_path=other.document_path,
+                doc_id=other.doc_id,
+                evidence=[],
+            )
+        )
+    return out
+
+
+def open_confidences(
+    engine: Engine, store: MemoryStore, rows: list[QARow], mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence of open answers to ``rows`` in ``mode`` and their token F1 against the gold answer."""
+    conf, f1 = [], []
+    for row in rows:
+        text = row.load_document()
+        doc_id = row.document_id(text)
+        if doc_id not in store:
+            engine.ingest(store, Document(doc_id=doc_id, title=doc_id, text=text, source="train-decision"))
+        ans = engine.ask(store, doc_id, row.question, mode=mode, record=False)
+        conf.append(ans.confidence if ans.confidence is not None else 0.0)
+        f1.append(token_f1(ans.answer, row.answer or "") if row.evidence else 0.0)
+    return np.asarray(conf), np.asarray(f1)
 
 
 def save_features(folder: Path, name: str, feats: dict[str, dict[str, np.ndarray]]) -> None:
@@ -170,23 +263,75 @@ __all__ = [
 ]
 
 
-def run(engine: Engine, root: Path, checkpoint: Path, work: Path, store: MemoryStore, progress=None) -> dict:
-    """Extract (or reuse cached) features for both training sets into ``work``, fit, and save the
-    heads into the checkpoint folder (its open-answer threshold is kept)."""
+def covid_training_rows(root: Path, limit: int) -> list[QARow]:
+    """COVID-QA questions of the training-half articles, spread over articles."""
+    from .recall_eval import select_rows
+
+    rows = [r for r in covid_qa(root / "covid-qa" / "covidqa_dev.json") if is_train_article(r.document_id())]
+    return select_rows(rows, limit_docs=None, limit_questions=limit)
+
+
+def run(
+    engine: Engine,
+    root: Path,
+    checkpoint: Path,
+    work: Path,
+    store: MemoryStore,
+    progress=None,
+    *,
+    negatives: int = 100,
+    open_questions: int = 40,
+    open_mode: str = "hmt+retrieval",
+) -> dict:
+    """Extract (or reuse cached) features into ``work``, fit the heads and thresholds, and save
+    them into the checkpoint folder.
+
+    ``negatives`` questions per set are also asked of another document (for the closed thresholds);
+    ``open_questions`` COVID-QA training questions are answered in ``open_mode`` of their own and of
+    another article (for the open threshold; 0 skips it and keeps the checkpoint's).
+    """
+    engine.decision_heads = DecisionHeads()  # the model's own scores, not those of older heads
     feature_dir = work / "features"
     sets = {"pubmedqa": pubmedqa_training_rows(root), "evidence-inference": ei_training_rows(root)}
-    features, options = {}, {}
+    features, negative_features, options = {}, {}, {}
     for name, rows in sets.items():
         options[name] = rows[0].options
-        cached = load_features(feature_dir, name)
-        if cached is None:
-            start = time.perf_counter()
-            cached = extract(engine, store, rows, progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
-            save_features(feature_dir, name, cached)
-            logger.info("%s: features of %d rows in %.0f s", name, len(rows), time.perf_counter() - start)
-        features[name] = cached
-    heads, report = fit_heads(features, options)
+        for tag, todo, bucket in (
+            (name, rows, features),
+            (f"{name}-negative", negative_rows(rows, negatives), negative_features),
+        ):
+            cached = load_features(feature_dir, tag)
+            if cached is None:
+                start = time.perf_counter()
+                cb = (lambda d, t, n=tag: progress(n, d, t)) if progress else None
+                cached = extract(engine, store, todo, progress=cb)
+                save_features(feature_dir, tag, cached)
+                logger.info("%s: features of %d rows in %.0f s", tag, len(todo), time.perf_counter() - start)
+            bucket[name] = cached
+    heads, report = fit_heads(features, options, negative_features)
     heads.open_threshold = DecisionHeads.load(checkpoint).open_threshold
+    if open_questions:
+        pos = covid_training_rows(root, open_questions)
+        conf_path = feature_dir / f"open-{open_mode.replace('+', '_')}-{open_questions}.npz"
+        if conf_path.is_file():
+            cached = dict(np.load(conf_path))
+        else:
+            pc, pf = open_confidences(engine, store, pos, open_mode)
+            nc, _ = open_confidences(engine, store, negative_rows(pos, open_questions), open_mode)
+            cached = {"pos": pc, "pos_f1": pf, "neg": nc}
+            feature_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(conf_path, **cached)
+        # An answer "counts as right" for the report when its token F1 reaches 0.3.
+        heads.open_threshold, report["open"] = fit_threshold(
+            cached["pos"], cached["pos_f1"] >= 0.3, cached["neg"]
+        )
+        report["open"].update(
+            {
+                "mode": open_mode,
+                "set": "covid-qa (training-half articles)",
+                "mean_token_f1": float(cached["pos_f1"].mean()),
+            }
+        )
     heads.save(checkpoint)
     (checkpoint / "decision_training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -144,9 +144,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.model, self.tokenizer, self.checkpoint_id = self._load_model()
         # Closed questions' decision heads and the "not in the document" thresholds (checkpoint's).
-        self.decision_heads = (
-            DecisionHeads.load(self._checkpoint_path) if self._checkpoint_path else DecisionHeads()
-        )
+        use = self._checkpoint_path is not None and self.config.decision_heads
+        self.decision_heads = DecisionHeads.load(self._checkpoint_path) if use else DecisionHeads()
         self.model.eval()
         cfg = self.config
         # Modes dense-rag and none use the plain backbone: one segment as wide as the window.
@@ -535,7 +534,10 @@ class Engine:
         confidence = response.confidence
         if confidence is None:
             confidence = open_confidence(response.answer_logprob, recall)
-        threshold = response.threshold if options else self.decision_heads.open_threshold
+        # Thresholds were fitted on the HMT answering pass; the plain-backbone modes never abstain.
+        threshold = None
+        if model is self.model:
+            threshold = response.threshold if options else self.decision_heads.open_threshold
         abstained = bool(threshold and confidence is not None and confidence < threshold)
         total_s = time.perf_counter() - start
         result = Answer(

@@ -38,7 +38,12 @@ def test_calibration_only_moves_the_prior_and_predicts_every_class():
     rng = np.random.default_rng(0)
     y = rng.choice(3, size=300)
     # Likelihood knows the label, but "yes" gets +3 nats for free: argmax says "yes" almost always.
-    lp = np.log(np.full((300, 3), 0.1)) + 2.0 * np.eye(3)[y] + np.array([3.0, 0.0, 0.0]) + rng.normal(0, 0.5, (300, 3))
+    lp = (
+        np.log(np.full((300, 3), 0.1))
+        + 2.0 * np.eye(3)[y]
+        + np.array([3.0, 0.0, 0.0])
+        + rng.normal(0, 0.5, (300, 3))
+    )
     assert (lp.argmax(1) == 0).mean() > 0.9
     head = fit_option_head(OPTIONS, lp, np.zeros((300, 4)), y, use_hidden=False)
     assert not head.weight.any()
@@ -52,15 +57,23 @@ def test_cross_validation_prefers_the_head_when_the_state_carries_the_answer():
     lp, hid, y = prior_dominated(200, seed=2)
     cv = {r["variant"]: r for r in cross_validate(OPTIONS, lp, hid, y)}
     assert cv["likelihood"]["predicted"][1:] == [0, 0]
-    assert max(r["macro_f1"] for name, r in cv.items() if name.startswith("head")) > cv["likelihood"]["macro_f1"] + 0.4
+    assert (
+        max(r["macro_f1"] for name, r in cv.items() if name.startswith("head"))
+        > cv["likelihood"]["macro_f1"] + 0.4
+    )
 
 
 def test_heads_round_trip_and_match_options_in_any_order_and_case(tmp_path):
     d = 8
     head = OptionHead(
-        options=["yes", "no", "maybe"], lm_weight=0.5, bias=np.array([0.0, 1.0, -1.0]),
-        weight=np.arange(3 * d, dtype=float).reshape(3, d) / 10, center=np.ones(d), scale=np.full(d, 2.0),
-        threshold=0.4, info={"n": 3},
+        options=["yes", "no", "maybe"],
+        lm_weight=0.5,
+        bias=np.array([0.0, 1.0, -1.0]),
+        weight=np.arange(3 * d, dtype=float).reshape(3, d) / 10,
+        center=np.ones(d),
+        scale=np.full(d, 2.0),
+        threshold=0.4,
+        info={"n": 3},
     )
     DecisionHeads([head], open_threshold=0.2).save(tmp_path)
     loaded = DecisionHeads.load(tmp_path)
@@ -85,8 +98,13 @@ def _checkpoint_with_head(tmp_path, bias, threshold=0.0):
     model.save_pretrained(ckpt)
     d = model.hidden_size
     head = OptionHead(
-        options=["yes", "no", "maybe"], lm_weight=0.0, bias=np.asarray(bias, dtype=float), weight=np.zeros((3, d)),
-        center=np.zeros(d), scale=np.ones(d), threshold=threshold,
+        options=["yes", "no", "maybe"],
+        lm_weight=0.0,
+        bias=np.asarray(bias, dtype=float),
+        weight=np.zeros((3, d)),
+        center=np.zeros(d),
+        scale=np.ones(d),
+        threshold=threshold,
     )
     DecisionHeads([head]).save(ckpt)
     return ckpt
@@ -101,12 +119,16 @@ def test_ask_decides_with_the_checkpoints_head_in_hmt_modes_only(tmp_path):
     store = engine.open_store(tmp_path / "store")
     engine.ingest(store, load_text("Aspirin lowered the risk in the trial. " * 40, doc_id="d"))
     for mode in ("hmt", "hmt+retrieval"):
-        ans = engine.ask(store, "d", "Did aspirin lower the risk?", mode=mode, options=["Yes", "no", "maybe"], record=False)
+        ans = engine.ask(
+            store, "d", "Did aspirin lower the risk?", mode=mode, options=["Yes", "no", "maybe"], record=False
+        )
         assert ans.answer == "maybe" and ans.confidence > 0.99 and not ans.abstained
         assert sum(np.exp(list(ans.option_scores.values()))) == pytest.approx(1.0)
         assert ans.to_json()["confidence"] == ans.confidence and "decision_state" not in ans.to_json()
     # The plain backbone (dense-rag, none) keeps likelihood: the head was fitted on HMT's answering pass.
-    ans = engine.ask(store, "d", "Did aspirin lower the risk?", mode="none", options=["yes", "no", "maybe"], record=False)
+    ans = engine.ask(
+        store, "d", "Did aspirin lower the risk?", mode="none", options=["yes", "no", "maybe"], record=False
+    )
     lp = dict(zip(["yes", "no", "maybe"], ans.option_logprobs, strict=True))
     assert ans.option_scores == pytest.approx(lp) and ans.answer == max(lp, key=lp.get)
 
@@ -139,3 +161,75 @@ def test_threshold_turns_away_at_most_a_tenth_of_answerable_questions():
     same = rng.uniform(0.3, 1.0, 400)
     _, info = fit_threshold(same[:200], np.ones(200, bool), same[200:])
     assert abs(info["negatives_abstained"] - info["positives_abstained"]) < 0.07
+
+
+def test_folds_keep_a_questions_modes_together_and_negatives_give_a_threshold():
+    from qa_pipeline.decision_recipe import _folds, fit_heads
+
+    lp, hid, y = prior_dominated(120, seed=3)
+    groups = np.concatenate([np.arange(60), np.arange(60)])
+    for fold in _folds(groups, 5):
+        assert set(groups[fold]).isdisjoint(set(np.setdiff1d(groups, groups[fold])))
+    by_mode = {
+        m: {"logprobs": lp[i::2], "hidden": hid[i::2], "labels": y[i::2]}
+        for i, m in enumerate(("hmt", "hmt+retrieval"))
+    }
+    # Negatives: a state with no label direction, so the head is unsure of them.
+    nlp, nhid, ny = prior_dominated(40, seed=4)
+    nhid[:, :3] = 0.0
+    negatives = {"pubmedqa": {"hmt": {"logprobs": nlp, "hidden": nhid, "labels": ny}}}
+    heads, report = fit_heads({"pubmedqa": by_mode}, {"pubmedqa": OPTIONS}, negatives)
+    r = report["pubmedqa"]
+    assert r["n_questions"] == 60 and r["chosen"].startswith("head")
+    head = heads.find(OPTIONS)[0]
+    assert 0 < head.threshold < 1 and r["threshold"]["positives_abstained"] <= 0.1
+    assert r["threshold"]["negatives_abstained"] > 0.3
+
+
+def test_negative_rows_ask_each_question_of_another_document():
+    from qa_pipeline.decision_recipe import negative_rows
+    from qa_pipeline.qa_data import QARow
+
+    rows = [
+        QARow(
+            row_id=f"q{i}",
+            question=f"q{i}?",
+            document=f"doc {i // 2}",
+            doc_id=f"d{i // 2}",
+            options=OPTIONS,
+            answer="yes",
+            evidence=[(0, 5)],
+        )
+        for i in range(6)
+    ]
+    neg = negative_rows(rows, limit=4)
+    assert [r.row_id for r in neg] == ["q0-neg", "q1-neg", "q2-neg", "q3-neg"]
+    assert [r.doc_id for r in neg] == ["d1", "d1", "d2", "d2"]
+    assert all(
+        n.document != r.document and n.question == r.question and not n.evidence
+        for n, r in zip(neg, rows, strict=False)
+    )
+
+
+def test_open_answers_abstain_below_the_open_threshold_in_hmt_modes_only(tmp_path):
+    from qa_pipeline.documents import load_text
+    from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine, EngineConfig
+
+    ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 0.0])
+    heads = DecisionHeads.load(ckpt)
+    heads.open_threshold = 1.01  # above any confidence
+    heads.save(ckpt)
+    engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4))
+    store = engine.open_store(tmp_path / "store")
+    engine.ingest(store, load_text("Aspirin lowered the risk in the trial. " * 40, doc_id="d"))
+    ans = engine.ask(store, "d", "What did aspirin do?", mode="hmt", record=False)
+    assert ans.abstained and ans.answer == NOT_IN_DOCUMENT and 0 < ans.confidence <= 1
+    ans = engine.ask(store, "d", "What did aspirin do?", mode="dense-rag", record=False)
+    assert not ans.abstained and ans.answer != NOT_IN_DOCUMENT
+    off = Engine(
+        EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4, decision_heads=False)
+    )
+    assert (
+        not off.decision_heads
+        and not off.ask(store, "d", "What did aspirin do?", mode="hmt", record=False).abstained
+    )
