@@ -195,7 +195,8 @@ class QAApp:
         mode: str = "hmt",
         options: str | None = "",
     ) -> Iterator[tuple]:
-        """API ``ask``: stream the answer; the final output is the answer and its JSON (evidence etc.)."""
+        """API ``ask``: stream the answer; the final output is the answer and its JSON (evidence,
+        confidence, abstained, the supporting sentence etc.)."""
         session = self._session(session)
         if not self.service.loader.ready:
             yield session, "(model loading… the answer starts as soon as it is ready)", None
@@ -203,12 +204,13 @@ class QAApp:
             yield session, text, None if answer is None else answer.to_json()
 
     def show_answer(self, session: UserSession | None) -> tuple:
-        """After an answer: evidence over the text, timings and the Memory-tab plots."""
+        """After an answer: evidence and the supporting sentence over the text, confidence and timings,
+        and the Memory-tab plots."""
         answer = session.last_answer if session else None
         if answer is None:
             return (gr.skip(),) * 6
         view = self.service.memory_view(session, answer.doc_id)
-        pieces, colors = views.evidence_highlights(view.text, answer.evidence, answer.mode)
+        pieces, colors = views.evidence_highlights(view.text, answer.evidence, answer.mode, answer.support)
         highlighted = gr.HighlightedText(value=pieces, color_map=colors)
         recall_fig, distance_fig = self._recall_figures(answer, len(view.segments))
         pca = plots.memory_pca_figure(view.memory, view.recall_key, answer.query)
@@ -367,7 +369,7 @@ class QAApp:
                             share_btn = gr.Button("Save the selected document to the shared store", size="sm")
                             share_status = gr.Markdown(label="status")
                     evidence = gr.HighlightedText(
-                        label="Evidence: the segments the answer drew on, ranked, over the document text",
+                        label="Evidence over the document text: the segments the answer drew on, ranked, and its supporting sentence",
                         elem_id="evidence",
                         show_legend=True,  # inline labels would repeat after every paragraph
                         combine_adjacent=False,

@@ -10,12 +10,15 @@ from collections.abc import Sequence
 from qa_pipeline.engine import Answer, Evidence
 from qa_pipeline.metrics import exact_match, normalize_label
 from qa_pipeline.store import SegmentInfo
+from qa_pipeline.support import Support
 
 FULL_TEXT_CHARS = 20_000  # longer documents are shown as the evidence with some context around it
 CONTEXT_CHARS = 400
 # Rank 1 darkest: the eye finds the strongest evidence first.
 EVIDENCE_COLORS = ["#f76707", "#ffa94d", "#ffd8a8", "#ffe8cc", "#fff4e6"]
 WINDOW_COLOR = "#a5d8ff"
+SUPPORT_LABEL = "supporting sentence"
+SUPPORT_COLOR = "#69db7c"  # green: stands out inside the orange evidence
 
 Highlight = list[tuple[str, str | None]]
 
@@ -29,21 +32,30 @@ def evidence_label(rank: int, ev: Evidence, mode: str) -> str:
     return f"#{rank} segment {ev.segment} · recall weight {ev.weight:.2f}"
 
 
-def evidence_highlights(text: str, evidence: Sequence[Evidence], mode: str) -> tuple[Highlight, dict[str, str]]:
+def evidence_highlights(
+    text: str, evidence: Sequence[Evidence], mode: str, support: Support | None = None
+) -> tuple[Highlight, dict[str, str]]:
     """Document text split into (piece, label) pairs with the evidence labelled, plus a colour map.
 
-    Overlapping evidence (dense-rag chunks overlap) is shown once, under its best rank. Long
-    documents are cut to the evidence and some context, with the gaps marked.
+    Overlapping evidence (dense-rag chunks overlap) is shown once, under its best rank. The
+    supporting sentence, if given, gets its own label and colour and is cut out of the evidence
+    span around it (which then shows on both sides of it). Long documents are cut to the evidence
+    and some context, with the gaps marked.
     """
     spans: list[tuple[int, int, str]] = []
     colors: dict[str, str] = {}
+    if support is not None:
+        start, end = max(0, support.char_start), min(len(text), support.char_end)
+        if end > start:
+            spans.append((start, end, SUPPORT_LABEL))
+            colors[SUPPORT_LABEL] = SUPPORT_COLOR
     for rank, ev in enumerate(evidence, start=1):
         start, end = max(0, ev.char_start), min(len(text), ev.char_end)
         if end <= start:
             continue
         label = evidence_label(rank, ev, mode)
         colors[label] = WINDOW_COLOR if ev.segment < 0 else EVIDENCE_COLORS[min(rank, len(EVIDENCE_COLORS)) - 1]
-        # Cut away what better-ranked spans already cover, keeping the uncovered pieces.
+        # Cut away what the sentence and better-ranked spans already cover, keeping the uncovered pieces.
         pieces = [(start, end)]
         for s, e, _ in spans:
             pieces = [p for a, b in pieces for p in ((a, min(b, s)), (max(a, e), b)) if p[1] > p[0]]
@@ -87,16 +99,38 @@ def document_preview(text: str) -> Highlight:
     return _with_gaps(text, [])
 
 
+def confidence_markdown(answer: Answer) -> str | None:
+    """How sure the model is; when it abstained, that the document does not seem to say (and, for
+    a closed question, the option it would have chosen). None when there is no confidence."""
+    if answer.confidence is None:
+        return None
+    if not answer.abstained:
+        return f"**confidence:** {answer.confidence:.2f}"
+    line = f"**low confidence: the document does not seem to say** (confidence {answer.confidence:.2f})"
+    if answer.option_scores:
+        guess = max(answer.option_scores, key=answer.option_scores.get)
+        line += f" · the model's best guess: “{snippet(guess, 80)}”"
+    return line
+
+
+def support_markdown(answer: Answer) -> str | None:
+    """The evidence sentence the answer rests on, quoted on one line; None when there is none."""
+    if answer.support is None or not answer.support.text.strip():
+        return None
+    return f"**supporting sentence:** “{snippet(answer.support.text, 300)}” (green in the text below)"
+
+
 def answer_markdown(answer: Answer) -> str:
-    """Mode, timings and (closed questions) the option scores, in one short block."""
+    """Confidence, the supporting sentence, mode, timings and (closed questions) the option scores."""
     t = answer.timings
-    lines = [
+    lines = [line for line in (confidence_markdown(answer), support_markdown(answer)) if line]
+    lines.append(
         f"**mode** `{answer.mode}` · recall {t.get('recall_s', 0):.2f} s · first token "
         f"{t.get('first_token_s', 0):.2f} s · total {t.get('total_s', 0):.2f} s"
-    ]
+    )
     if answer.option_scores:
         scores = sorted(answer.option_scores.items(), key=lambda kv: -kv[1])
-        lines.append("**option log-likelihoods** " + " · ".join(f"{o}: {s:.2f}" for o, s in scores))
+        lines.append("**option scores** (log-probabilities; the decision head's where the checkpoint has one) " + " · ".join(f"{o}: {s:.2f}" for o, s in scores))
     if not answer.evidence:
         lines.append("_No evidence returned for this mode._")
     else:
@@ -148,7 +182,18 @@ def metric_rows(metrics: dict[str, dict]) -> list[list]:
     return rows
 
 
-RESULT_HEADERS = ["row", "mode", "document", "question", "gold", "prediction", "correct", "latency s", "error"]
+RESULT_HEADERS = [
+    "row",
+    "mode",
+    "document",
+    "question",
+    "gold",
+    "prediction",
+    "correct",
+    "confidence",
+    "latency s",
+    "error",
+]
 
 
 def _correct(record: dict) -> str:
@@ -163,6 +208,14 @@ def _correct(record: dict) -> str:
     return "✓" if ok else "✗"
 
 
+def _confidence(record: dict) -> str:
+    """The answer's confidence, with "(abstained)" when it fell below the threshold; blank without one."""
+    confidence = record.get("confidence")
+    if confidence is None:
+        return ""
+    return f"{confidence:.2f}" + (" (abstained)" if record.get("abstained") else "")
+
+
 def result_rows(records: Sequence[dict]) -> list[list]:
     """The batch results, one row per (question, mode)."""
     return [
@@ -174,6 +227,7 @@ def result_rows(records: Sequence[dict]) -> list[list]:
             r.get("answer") or "",
             r.get("prediction") or "",
             _correct(r),
+            _confidence(r),
             round(float(r.get("latency_s") or 0.0), 3),
             r.get("error", ""),
         ]

@@ -136,8 +136,20 @@ def cmd_ask(ns: argparse.Namespace) -> int:
 
     def text() -> str:
         lines = [f"Answer ({ans.mode}): {ans.answer}"]
+        if ans.confidence is not None:
+            line = f"Confidence: {ans.confidence:.2f}"
+            if ans.abstained:
+                line += " (low: the document does not seem to say"
+                if ans.option_scores:
+                    line += f"; best guess: {max(ans.option_scores, key=ans.option_scores.get)}"
+                line += ")"
+            lines.append(line)
         if ans.option_scores:
-            lines.append("Option log-likelihoods: " + ", ".join(f"{o}={s:.2f}" for o, s in ans.option_scores.items()))
+            lines.append("Option scores (log-probabilities): " + ", ".join(f"{o}={s:.2f}" for o, s in ans.option_scores.items()))
+        if ans.support is not None:
+            sentence = " ".join(ans.support.text.split())
+            span = f"chars {ans.support.char_start}-{ans.support.char_end}"
+            lines.append(f'Supporting sentence ({span}): "{sentence}"')
         lines.append("Evidence:")
         for e in ans.evidence:
             snippet = " ".join(e.snippet.split())[:160]

@@ -441,8 +441,7 @@ class Engine:
         if not question:
             raise QAError("the question is empty")
         self.check_store(store)
-        info = store.get_document(doc_id)
-        version = (info.created_at, info.n_tokens, info.n_segments, len(store.get_text(doc_id)))  # as in ask
+        version = (store.get_document(doc_id).version,)
         _, recall, _ = self._memory_for(store, doc_id, self._recall_ids(question), version)
         return recall
 
@@ -486,7 +485,7 @@ class Engine:
         info = store.get_document(doc_id)  # raises UnknownDocument with the known ids
         start = time.perf_counter()
         text = store.get_text(doc_id)
-        version = (info.created_at, info.n_tokens, info.n_segments, len(text))
+        version = (info.version,)
         recall, query, state, evidence = [], None, None, []
         model, prompt_ids = self.model, question_ids
         recall_ids = self._recall_ids(question)

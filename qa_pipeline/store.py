@@ -31,6 +31,7 @@ Never pickle: tensors go to safetensors, indexes to ``faiss.write_index``, the r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -188,6 +189,9 @@ class DocumentInfo:
     n_segments: int
     created_at: str
     metadata: dict = field(default_factory=dict)
+    # Changes whenever the document is written (its folder's name): a cache key that a replace in
+    # the same second, by another process, still changes.
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -472,16 +476,21 @@ class MemoryStore:
             if not create:
                 raise StoreError(f"no memory store at {root}")
             root.mkdir(parents=True, exist_ok=True)
+        existed = db_path.exists()
         conn = cls._connect(db_path)
         try:
-            stored = cls._init_or_check(conn, root, wanted)
+            # A reader of an existing store only reads: no write lock, so it never waits for a writer.
+            stored = cls._init_or_check(conn, root, wanted, read_only=existed and wanted is None)
         except BaseException:
             conn.close()
             raise
-        (root / DOCS_DIR).mkdir(exist_ok=True)
-        (root / TMP_DIR).mkdir(exist_ok=True)
-        store = cls(root, conn, stored, writable=wanted is not None, cache_size=cache_size)
-        store._recover()
+        writable = wanted is not None
+        if writable or not existed:
+            (root / DOCS_DIR).mkdir(exist_ok=True)
+            (root / TMP_DIR).mkdir(exist_ok=True)
+        store = cls(root, conn, stored, writable=writable, cache_size=cache_size)
+        if writable:  # a reader leaves what it finds: cleaning up is a writer's job
+            store._recover()
         return store
 
     @staticmethod
@@ -508,11 +517,11 @@ class MemoryStore:
 
     @staticmethod
     def _init_or_check(
-        conn: sqlite3.Connection, root: Path, wanted: dict[str, Any] | None
+        conn: sqlite3.Connection, root: Path, wanted: dict[str, Any] | None, *, read_only: bool = False
     ) -> dict[str, Any] | None:
         """Create the schema on a fresh database, or check version and fingerprint of an old one."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
             try:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if not tables:
@@ -747,7 +756,7 @@ class MemoryStore:
         logger.info(
             "stored document %r (%d segments, indexes: %s)", doc_id, len(segs), ", ".join(names) or "none"
         )
-        return info
+        return dataclasses.replace(info, version=dir_name)
 
     def _insert_rows(
         self,
@@ -919,9 +928,9 @@ class MemoryStore:
 
     @staticmethod
     def _info(r: Sequence[Any]) -> DocumentInfo:
-        return DocumentInfo(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], json.loads(r[6]))
+        return DocumentInfo(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], json.loads(r[6]), r[7])
 
-    _INFO_COLS = "doc_id, title, source, n_tokens, n_segments, created_at, metadata"
+    _INFO_COLS = "doc_id, title, source, n_tokens, n_segments, created_at, metadata, dir"
 
     def list_documents(self) -> list[DocumentInfo]:
         """All stored documents, oldest first (texts are not loaded)."""

@@ -41,6 +41,14 @@ def test_ingest_and_ask(server):
     weights = [w for _, w in record["recall"]]
     assert abs(sum(weights) - 1.0) < 1e-3  # recall weights are a softmax over the document's memories
     assert {"recall_s", "first_token_s", "total_s"} <= set(record["timings"])
+    # How sure the model is, whether it abstained, and the evidence sentence the answer rests on.
+    assert record["abstained"] is False  # no checkpoint, no threshold
+    assert record["confidence"] is None or 0.0 <= record["confidence"] <= 1.0
+    support = record["support"]
+    if support is not None:  # a sentence of the evidence passages, by character offsets
+        assert {"text", "char_start", "char_end", "segment"} <= set(support)
+        start, end = support["char_start"], support["char_end"]
+        assert any(e["char_start"] <= start < end <= e["char_end"] for e in record["evidence"])
 
 
 def test_ingest_file_and_closed_question(server, tmp_path):
@@ -56,6 +64,9 @@ def test_ingest_file_and_closed_question(server, tmp_path):
     assert answer in ("yes", "no", "maybe")
     assert set(record["option_scores"]) == {"yes", "no", "maybe"}
     assert answer == max(record["option_scores"], key=record["option_scores"].get)
+    assert 0.0 <= record["confidence"] <= 1.0 and record["abstained"] is False
+    support = record["support"]
+    assert support["text"] and note("heparin")[support["char_start"] : support["char_end"]] == support["text"]
 
 
 def test_modes_none_and_search(server):

@@ -63,7 +63,12 @@ def test_ask_flow_evidence_and_memory(page):
     page.fill("#options textarea", "yes, no")
     page.click("#ask-btn")
     page.wait_for_function("['yes', 'no'].includes(document.querySelector('#answer textarea').value)")
-    page.locator("#timings").get_by_text("option log-likelihoods").wait_for()
+    page.locator("#timings").get_by_text("option scores").wait_for()
+    # Next to the answer: how sure the model is and the sentence the answer rests on, quoted.
+    page.locator("#timings").get_by_text("confidence", exact=False).first.wait_for()
+    page.locator("#timings").get_by_text("supporting sentence", exact=False).first.wait_for()
+    # ...and that sentence marked in the document text, with its own legend entry.
+    page.locator("#evidence").get_by_text("supporting sentence", exact=False).first.wait_for()
     # Evidence is highlighted over the text, labelled with rank, segment and recall weight.
     page.locator("#evidence").get_by_text("recall weight", exact=False).first.wait_for()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)

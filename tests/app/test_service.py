@@ -12,7 +12,8 @@ from app.errors import AppError
 from app.query import query_vector, recall_weights
 from app.service import PRIVATE, SHARED, QAService
 from app.settings import AppSettings
-from qa_pipeline.engine import Answer, Evidence
+from qa_pipeline.engine import NOT_IN_DOCUMENT, Answer, Evidence
+from qa_pipeline.support import Support
 
 from .conftest import note
 
@@ -192,3 +193,94 @@ def test_expired_session_state_removes_the_private_store(service):
 def test_pasted_text_title_skips_a_byte_order_mark(service):
     [doc] = service.load_uploads([], "\ufeff# Warfarin notes\nThe INR rose.")
     assert doc.title == "Warfarin notes" and not doc.text.startswith("\ufeff")
+
+
+def _answer(**kw) -> Answer:
+    fields = {
+        "doc_id": "d",
+        "question": "Did it help?",
+        "mode": "hmt",
+        "answer": "yes",
+        "options": None,
+        "option_scores": None,
+        "evidence": [],
+        "recall": [],
+        "timings": {"total_s": 0.1},
+    }
+    return Answer(**(fields | kw))
+
+
+def test_supporting_sentence_is_marked_inside_its_evidence():
+    text = "Intro words here. The drug lowered the INR. It was kept. Later text follows on."
+    ev_start, ev_end = text.index("The drug"), text.index("Later")
+    start = text.index("It was")
+    support = Support("It was kept.", start, start + len("It was kept."), 1)
+    evidence = [Evidence(1, ev_start, ev_end, 0.8, ""), Evidence(0, 0, ev_start, 0.2, "")]
+    pieces, colors = views.evidence_highlights(text, evidence, "hmt", support)
+    assert "".join(p for p, _ in pieces) == text
+    offsets, pos = [], 0
+    for piece, label in pieces:
+        offsets.append((pos, pos + len(piece), label))
+        pos += len(piece)
+    first = "#1 segment 1 · recall weight 0.80"
+    assert [(s, e, label) for s, e, label in offsets if label and not label.startswith("#2")] == [
+        (ev_start, start, first),  # the evidence either side of the sentence
+        (start, support.char_end, views.SUPPORT_LABEL),
+        (support.char_end, ev_end, first),
+    ]
+    assert colors[views.SUPPORT_LABEL] == views.SUPPORT_COLOR and views.SUPPORT_COLOR not in {
+        c for label, c in colors.items() if label != views.SUPPORT_LABEL
+    }
+    # Without a supporting sentence nothing changes; a span outside the text is ignored.
+    plain, plain_colors = views.evidence_highlights(text, evidence, "hmt")
+    assert views.SUPPORT_LABEL not in plain_colors and all(label != views.SUPPORT_LABEL for _, label in plain)
+    outside = Support("x", len(text) + 5, len(text) + 9, 1)
+    assert views.evidence_highlights(text, evidence, "hmt", outside) == (plain, plain_colors)
+
+
+def test_answer_markdown_shows_confidence_and_the_supporting_sentence():
+    support = Support("The INR\nwas *2.4* on day 3.", 10, 37, 2)
+    md = views.answer_markdown(_answer(confidence=0.734, support=support))
+    assert md.startswith("**confidence:** 0.73\n\n**supporting sentence:** “The INR was *2.4* on day 3.”")
+    assert "low confidence" not in md
+
+    scores = {"yes": -0.9, "no": -0.5}
+    abstained = _answer(answer=NOT_IN_DOCUMENT, option_scores=scores, confidence=0.21, abstained=True)
+    md = views.answer_markdown(abstained)
+    assert "**low confidence: the document does not seem to say** (confidence 0.21)" in md
+    assert "best guess: “no”" in md and "supporting sentence" not in md
+    # An open question that abstained has no best guess to show; no confidence, no line.
+    open_abstained = _answer(answer=NOT_IN_DOCUMENT, confidence=0.1, abstained=True)
+    assert "best guess" not in views.answer_markdown(open_abstained)
+    assert "confidence" not in views.answer_markdown(_answer())
+
+
+def test_batch_results_show_the_confidence():
+    records = [
+        {"row_id": "a", "prediction": "yes", "confidence": 0.8123, "abstained": False},
+        {"row_id": "b", "prediction": NOT_IN_DOCUMENT, "confidence": 0.2, "abstained": True},
+        {"row_id": "c", "error": "ValueError: bad"},
+    ]
+    column = views.RESULT_HEADERS.index("confidence")
+    assert [row[column] for row in views.result_rows(records)] == ["0.81", "0.20 (abstained)", ""]
+    assert all(len(row) == len(views.RESULT_HEADERS) for row in views.result_rows(records))
+
+
+def test_show_answer_marks_the_supporting_sentence(service):
+    from app.ui import QAApp
+
+    qa = QAApp(service)
+    session = service.new_session()
+    [result] = service.ingest(session, service.load_uploads([], note("dabigatran")))
+    answer = service.ask(session, result["doc_id"], "Was the dose kept?", options="yes, no")
+    assert answer.confidence is not None and 0.0 <= answer.confidence <= 1.0
+    assert answer.support is not None
+    text = service.memory_view(session, answer.doc_id).text
+    assert text[answer.support.char_start : answer.support.char_end] == answer.support.text
+    highlighted, md, *_ = qa.show_answer(session)
+    pieces = highlighted.value
+    if isinstance(pieces[0], dict):  # Gradio keeps the value in its own format
+        pieces = [(p["token"], p["class_or_confidence"]) for p in pieces]
+    assert [p for p, label in pieces if label == views.SUPPORT_LABEL] == [answer.support.text]
+    assert f"**confidence:** {answer.confidence:.2f}" in md or "low confidence" in md
+    assert "**supporting sentence:**" in md

@@ -63,6 +63,15 @@ def test_ingest_ask_docs(store, capsys, tmp_path):
     assert ans["answer"] in OPTIONS and set(ans["option_scores"]) == set(OPTIONS)
     assert len(ans["recall"]) == n_segments and "query" not in ans
     assert ans["evidence"] and all(0 <= e["char_start"] < e["char_end"] for e in ans["evidence"])
+    assert 0.0 <= ans["confidence"] <= 1.0 and ans["abstained"] is False
+    support = ans["support"]
+    assert make_text()[support["char_start"] : support["char_end"]] == support["text"]
+    where = ["--store", str(store), "--doc", "trial"]
+    rc, out, err = run(capsys, "ask", "Did metformin help?", *where, "--options", "yes, no,maybe", *MODEL)
+    assert rc == 0, err
+    assert f"Confidence: {ans['confidence']:.2f}\n" in out
+    span = f"chars {support['char_start']}-{support['char_end']}"
+    assert f'Supporting sentence ({span}): "{support["text"]}"' in out
     rc, out, err = run(capsys, "ask", "Did metformin help?", "--store", str(store), "--doc", "trial",
                        "--options", "yes, no,maybe", "--calibrate-options", "--json", *MODEL)
     assert rc == 0, err
@@ -81,6 +90,28 @@ def test_ingest_ask_docs(store, capsys, tmp_path):
     assert [d[0] for d in listed(capsys, store)] == ["trial", "more"]
     rc, out, _ = run(capsys, "docs", "delete", "more", "--store", str(store))
     assert rc == 0 and [d[0] for d in listed(capsys, store)] == ["trial"]
+
+
+def test_ask_text_says_when_the_model_abstains(store, capsys, monkeypatch):
+    """Below the checkpoint's threshold the answer says so; the text shows the confidence and best guess."""
+    import dataclasses
+
+    from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine
+
+    real_ask = Engine.ask
+
+    def abstaining(self, *args, **kwargs):
+        ans = real_ask(self, *args, **kwargs)
+        return dataclasses.replace(ans, answer=NOT_IN_DOCUMENT, confidence=0.123, abstained=True)
+
+    monkeypatch.setattr(Engine, "ask", abstaining)
+    where = ["--store", str(store), "--doc", "trial"]
+    rc, out, err = run(capsys, "ask", "Did metformin help?", *where, "--options", "yes, no,maybe", *MODEL)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"Answer (hmt): {NOT_IN_DOCUMENT}"
+    low = "Confidence: 0.12 (low: the document does not seem to say; best guess: "
+    assert lines[1].startswith(low) and lines[1].endswith(")") and lines[1][len(low) : -1] in OPTIONS
 
 
 def _blank_pdf(path: Path) -> None:

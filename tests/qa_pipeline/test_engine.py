@@ -416,3 +416,26 @@ def test_a_checkpoint_whose_config_changed_does_not_read_the_old_store(tmp_path)
     assert second.checkpoint_id != first.checkpoint_id
     with pytest.raises(StoreMismatch):
         second.open_store(tmp_path / "store")
+
+
+def test_a_same_second_replace_of_equal_size_by_another_process_is_seen(engine, tmp_path, monkeypatch):
+    """Same length, same token and segment counts, same second: only the content changed."""
+    monkeypatch.setattr("qa_pipeline.store._now", lambda: "2026-01-01T00:00:00Z")  # one clock second
+    store = engine.open_store(tmp_path / "s")
+    old_text = make_text(40, seed=1)
+    new_text = old_text.translate(str.maketrans("0123456789", "1234567890"))  # digits are one token each
+    assert len(new_text) == len(old_text) and new_text != old_text
+    engine.ingest(store, load_text(old_text, doc_id="d"))
+
+    def weights(recall):
+        return [w for _, w in recall]
+
+    before = weights(engine.recall(store, "d", "Which drug?"))
+    other = Engine(engine.config)
+    old_info = store.get_document("d")
+    info, _ = other.ingest(other.open_store(tmp_path / "s"), load_text(new_text, doc_id="d"), replace=True)
+    same = ("created_at", "n_tokens", "n_segments")
+    assert [getattr(info, k) for k in same] == [getattr(old_info, k) for k in same]
+    fresh = weights(Engine(engine.config).recall(other.open_store(tmp_path / "s"), "d", "Which drug?"))
+    assert fresh != pytest.approx(before)  # the new content recalls differently: the test can fail
+    assert weights(engine.recall(store, "d", "Which drug?")) == pytest.approx(fresh)

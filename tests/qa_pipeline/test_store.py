@@ -408,3 +408,27 @@ def test_deleted_text_is_gone_from_the_database_and_its_wal(tmp_path) -> None:
         files = [p for p in root.iterdir() if p.name.startswith("store.sqlite")]
         assert files and not any(b"ZQXJ" in p.read_bytes() for p in files)
         assert st.get_text("keep")  # the rest is intact
+
+
+def test_a_reader_takes_no_write_lock_and_leaves_leftovers_to_writers(tmp_path, monkeypatch) -> None:
+    import sqlite3
+
+    import qa_pipeline.store as store_mod
+
+    root = tmp_path / "store"
+    with MemoryStore.open(root, FP) as s:
+        s.add_document("a", **make_doc(2))
+    (root / ".tmp" / "half-written").mkdir()
+    # Another process is in the middle of a write: it holds SQLite's write lock.
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_S", 0.2)
+    other = sqlite3.connect(str(root / "store.sqlite"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with MemoryStore.open(root, None) as reader:  # before: "database is locked" after the timeout
+            assert [d.doc_id for d in reader.list_documents()] == ["a"] and not reader.writable
+        assert tmp_entries(root) == ["half-written"]  # a reader does not delete what it finds
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with MemoryStore.open(root, FP):
+        assert tmp_entries(root) == []  # the next writer cleans up
