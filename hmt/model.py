@@ -522,11 +522,21 @@ class HMTModel(nn.Module):
             logprobs = torch.log_softmax(self._lm_head(hidden[:, p - 1]).float(), dim=-1)[0]
             token_lp = logprobs[opt_ids[:, 0]][:, None] * opt_mask
         else:
-            embeds = torch.cat([prefix.expand(n, -1, -1), self._embed(opt_ids)], dim=1)
-            mask = torch.cat([prefix_mask.expand(n, -1), opt_mask], dim=1)
-            hidden, _ = self._run_backbone(embeds, mask)
-            logprobs = torch.log_softmax(self._lm_head(hidden[:, p - 1 : p - 1 + width]).float(), dim=-1)
-            token_lp = logprobs.gather(-1, opt_ids[..., None]).squeeze(-1) * opt_mask
+            # The prompt once (its KV cache shared by every option), then all options in one batch.
+            hidden, past = self._run_backbone(prefix, prefix_mask, use_cache=True)
+            first = torch.log_softmax(self._lm_head(hidden[:, p - 1]).float(), dim=-1)[0][opt_ids[:, 0]]
+            past.batch_repeat_interleave(n)
+            rest_mask = torch.cat([prefix_mask.expand(n, -1), opt_mask[:, :-1]], dim=1)
+            positions = (rest_mask.long().cumsum(-1) - 1).clamp(min=0)[:, p:]
+            rest, _ = self._run_backbone(
+                self._embed(opt_ids[:, :-1]), rest_mask, position_ids=positions, past=past, use_cache=True
+            )
+            later = (
+                torch.log_softmax(self._lm_head(rest).float(), dim=-1)
+                .gather(-1, opt_ids[:, 1:, None])
+                .squeeze(-1)
+            )
+            token_lp = torch.cat([first[:, None], later], dim=1) * opt_mask
         out = (token_lp.sum(dim=1), opt_mask.sum(dim=1))
         return (*out, hidden[0, p - 1].float()) if return_hidden else out
 

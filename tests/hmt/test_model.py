@@ -339,3 +339,23 @@ def test_no_repeat_ngram_rule_stops_generation_loops():
     assert any(_repeats(row, 3) for row in looping)  # greedy decoding of a random model loops
     for row in model.generate(prompt, max_new_tokens=3 * L, no_repeat_ngram_size=3).tolist():
         assert _repeats(row, 3) == 0
+
+
+def test_multi_token_options_with_memory_equal_their_token_by_token_chain():
+    """Options share the prompt's KV cache; each option's score must equal the sum of single-token
+    scores of its tokens, each appended to the prompt (another code path: one pass, no cache)."""
+    model = make("hmt")
+    doc, prompt, query = ids(1, 3 * L), ids(1, 9), ids(1, 5)
+    state = model.init_memory(1)
+    with torch.no_grad():
+        _, state = model.read_segments(doc, state)
+        opts = [torch.tensor([5, 6, 7]), torch.tensor([8]), torch.tensor([9, 10])]
+        kw = {"query_ids": query, "whole_prompt": True}
+        total, count = model.score_options(prompt, opts, state, **kw)
+        for i, o in enumerate(opts):
+            chain = sum(
+                model.score_options(torch.cat([prompt, o[None, :t]], dim=1), [o[t : t + 1]], state, **kw)[0][0]
+                for t in range(len(o))
+            )
+            assert_close(total[i], chain, rtol=1e-4, atol=1e-4)
+    assert count.tolist() == [3, 1, 2]
