@@ -280,7 +280,7 @@ def run(
     progress=None,
     *,
     negatives: int = 100,
-    open_questions: int = 40,
+    open_questions: int = 30,
     open_mode: str = "hmt+retrieval",
 ) -> dict:
     """Extract (or reuse cached) features into ``work``, fit the heads and thresholds, and save

@@ -644,21 +644,25 @@ class Engine:
     ) -> list[Evidence]:
         from .dense import DenseEmbedder, DenseIndex, chunk_text
 
+        key = (str(store.root), doc_id, *version)
         with self._lock:
             if self._dense is None:
                 self._dense = DenseEmbedder(self.config.dense_model)
-            key = (str(store.root), doc_id, *version)
+            embedder = self._dense
             index = self._dense_indexes.get(key)
-            if index is None:
-                spans = chunk_text(text, max_chars=self.config.dense_chunk_chars)
-                index = DenseIndex(self._dense)
-                # Identifiers (chunk index, start, end): evidence names the chunk, not its rank.
-                index.add([(i, s, e) for i, (s, e) in enumerate(spans)], [text[s:e] for s, e in spans])
+            if index is not None:
+                self._dense_indexes.move_to_end(key)
+        if index is None:
+            # Embedding a long document takes seconds: done outside the engine-wide lock, so other
+            # questions do not wait for it (two first questions on one document may both build it).
+            spans = chunk_text(text, max_chars=self.config.dense_chunk_chars)
+            index = DenseIndex(embedder)
+            # Identifiers (chunk index, start, end): evidence names the chunk, not its rank.
+            index.add([(i, s, e) for i, (s, e) in enumerate(spans)], [text[s:e] for s, e in spans])
+            with self._lock:
                 self._dense_indexes[key] = index
                 while len(self._dense_indexes) > 16:
                     self._dense_indexes.popitem(last=False)
-            else:
-                self._dense_indexes.move_to_end(key)
         hits = index.search(question, k=max(self.config.dense_k, self.config.evidence_k))
         return [Evidence(int(i), int(s), int(e), float(score), text[s:e][:400]) for (i, s, e), score in hits]
 

@@ -439,3 +439,21 @@ def test_a_same_second_replace_of_equal_size_by_another_process_is_seen(engine, 
     fresh = weights(Engine(engine.config).recall(other.open_store(tmp_path / "s"), "d", "Which drug?"))
     assert fresh != pytest.approx(before)  # the new content recalls differently: the test can fail
     assert weights(engine.recall(store, "d", "Which drug?")) == pytest.approx(fresh)
+
+
+def test_dense_index_is_built_outside_the_engine_lock(engine, tmp_path, monkeypatch):
+    """Embedding a document for dense-rag takes seconds; every other question must not wait for it."""
+    import qa_pipeline.dense as dense
+
+    store = engine.open_store(tmp_path / "s")
+    engine.ingest(store, load_text(make_text(30, seed=3), doc_id="lockfree"))
+    held = []
+    original = dense.DenseIndex.add
+
+    def add(self, *args, **kwargs):
+        held.append(engine._lock.locked())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dense.DenseIndex, "add", add)
+    engine.ask(store, "lockfree", "Which drug?", mode="dense-rag", options=OPTIONS, record=False)
+    assert held == [False]
