@@ -6,7 +6,8 @@ offsets anywhere in the pipeline (sections, chunks, answer spans) refer to that 
 Supported inputs (see :func:`load_documents`):
 
 * ``.txt`` / ``.md``: UTF-8 text, one document per file.
-* ``.pdf``: text layer extracted with pypdf, one document per file, one section per page.
+* ``.pdf``: text layer extracted with pypdf (in a child process under a time and memory limit),
+  one document per file, one section per page.
 * ``.nxml`` / ``.xml``: PubMed Central JATS articles (title, abstract, body, acknowledgements).
 * ``.json``: PubMedQA in its original format (an object keyed by PMID), one document per PMID.
 * ``.jsonl``: one JSON object per line with a ``text`` or ``document`` field.
@@ -291,42 +292,198 @@ def load_text(text: str, *, doc_id: str | None = None, title: str = "", source: 
 # --------------------------------------------------------------------------------------------
 
 
-def _load_pdf(path: Path, max_bytes: int) -> list[Document]:
+# pypdf runs in a child process with these limits, so a decompression bomb, a pathological
+# content stream or a reader bug cannot exhaust the server's memory, hang it, or crash it.
+PDF_TIMEOUT_S = 60.0
+PDF_MEMORY_LIMIT_MB = 2048
+
+# Runs in the child: reads the request from stdin, then hands over to _isolated_child_main. sys.path
+# comes from the parent so the same modules are found however the parent was started.
+_CHILD_BOOTSTRAP = (
+    "import pickle, sys\n"
+    "request = pickle.load(sys.stdin.buffer)\n"
+    "sys.path[:] = request['sys_path']\n"
+    f"from {__name__} import _isolated_child_main\n"
+    "_isolated_child_main(request)\n"
+)
+
+
+def _extract_pdf_text(data: bytes) -> dict[str, Any]:
+    """Read a PDF with pypdf (runs in the child process; see :func:`_run_isolated`).
+
+    Returns:
+        JSON-serialisable ``{"page_texts", "num_pages", "title", "page_errors"}``: raw text per page,
+        the page count, the metadata title (or ``None``) and ``[page_number, message]`` for each page
+        whose text could not be extracted.
+
+    Raises:
+        DocumentError: For encrypted PDFs (message without the file name; the parent adds it).
+        Exception: Anything pypdf raises on a broken file; the parent reports it as unreadable.
+    """
     import io
 
-    # Imported lazily: pypdf is only needed when a PDF is actually loaded.
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
+    reader = PdfReader(io.BytesIO(data))
+    if reader.is_encrypted:
+        # Many PDFs are "encrypted" with an empty user password only to set permissions.
+        try:
+            ok = reader.decrypt("")
+        except (PyPdfError, NotImplementedError) as exc:
+            raise DocumentError(f"PDF is encrypted and cannot be opened ({exc})") from None
+        if not ok:
+            raise DocumentError("PDF is password-protected")
+    pages = list(reader.pages)
+    page_texts: list[str] = []
+    page_errors: list[list[Any]] = []
+    for number, page in enumerate(pages, 1):
+        try:
+            page_texts.append(page.extract_text() or "")
+        except Exception as exc:  # pypdf raises many exception types on broken content streams
+            # One broken page should not lose the rest of the document.
+            page_errors.append([number, f"{type(exc).__name__}: {exc}"[:300]])
+            page_texts.append("")
+    title = None
+    try:
+        if reader.metadata is not None and isinstance(reader.metadata.title, str):
+            title = str(reader.metadata.title)
+    except Exception:  # unreadable metadata only costs the title
+        title = None
+    return {"page_texts": page_texts, "num_pages": len(pages), "title": title, "page_errors": page_errors}
+
+
+def _limit_memory(memory_mb: int) -> None:
+    """Cap this process's address space (where the platform supports it)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: the time limit still applies
+        return
+    limit = memory_mb * 1024 * 1024
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _isolated_child_main(request: dict[str, Any]) -> None:
+    """Child side of :func:`_run_isolated`: run the target, write one JSON reply to stdout."""
+    import importlib
+    import sys
+
+    out = sys.stdout
+    sys.stdout = sys.stderr  # stray prints must not corrupt the reply
+    reply: dict[str, Any]
+    try:
+        _limit_memory(request["memory_mb"])
+        module_name, _, qualname = request["target"].partition(":")
+        func: Any = importlib.import_module(module_name)
+        for attr in qualname.split("."):
+            func = getattr(func, attr)
+        reply = {"ok": func(request["data"])}
+    except DocumentError as exc:
+        reply = {"error": "document", "message": str(exc)}
+    except MemoryError:
+        reply = {"error": "memory"}
+    except BaseException as exc:  # the parent turns any failure into a DocumentError
+        reply = {"error": "crash", "message": f"{type(exc).__name__}: {exc}"[:300]}
+    try:
+        text = json.dumps(reply)
+    except MemoryError:
+        text = json.dumps({"error": "memory"})
+    out.write(text)
+    out.flush()
+
+
+def _run_isolated(
+    func: Callable[[bytes], Any], data: bytes, path: Path, *, timeout_s: float, memory_mb: int
+) -> Any:
+    """Run ``func(data)`` in a fresh Python process under a time and an address-space limit.
+
+    ``func`` must be importable by its module and qualified name, and return JSON-serialisable
+    data. A subprocess rather than multiprocessing: spawn would re-import the parent's
+    ``__main__`` (the whole web app) in every child.
+
+    Raises:
+        DocumentError: Naming ``path`` (as given, never the child's tracebacks) when ``func``
+            raises, runs out of time or memory, or the child dies.
+    """
+    import pickle
+    import subprocess
+    import sys
+
+    request = {
+        "sys_path": [p for p in sys.path if isinstance(p, str)],
+        "target": f"{func.__module__}:{func.__qualname__}",
+        "data": data,
+        "memory_mb": memory_mb,
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD_BOOTSTRAP],
+            input=pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL),
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:  # run() has killed the child
+        raise DocumentError(
+            f"{path}: PDF could not be read within {timeout_s:g} s; it may be damaged or too complex"
+        ) from None
+    except OSError as exc:
+        logger.error("could not start the PDF reader process: %s", exc)
+        raise DocumentError(f"{path}: cannot read PDF (the PDF reader could not be started)") from None
+    if proc.stderr:  # pypdf's own warnings about the file, for the server log
+        logger.debug("%s: PDF reader said: %s", path, proc.stderr.decode("utf-8", "replace")[-2000:])
+    try:
+        reply = json.loads(proc.stdout)
+        if not isinstance(reply, dict):
+            raise ValueError("reply is not an object")
+    except ValueError:
+        reply = None
+    if reply is None:  # the child died before replying (killed, crashed, out of memory at startup)
+        stderr = proc.stderr.decode("utf-8", "replace")[-2000:]
+        if "MemoryError" in stderr:
+            reply = {"error": "memory"}
+        else:
+            logger.warning("%s: PDF reader exited with code %s: %s", path, proc.returncode, stderr)
+            raise DocumentError(
+                f"{path}: cannot read PDF (the PDF reader stopped with exit code {proc.returncode})"
+            )
+    if "ok" in reply:
+        return reply["ok"]
+    if reply.get("error") == "memory":
+        raise DocumentError(
+            f"{path}: PDF could not be read within {memory_mb:,} MB of memory; it may be damaged or a "
+            "decompression bomb"
+        )
+    if reply.get("error") == "document":
+        raise DocumentError(f"{path}: {reply.get('message')}")
+    raise DocumentError(f"{path}: cannot read PDF ({reply.get('message')})")
+
+
+def _load_pdf(path: Path, max_bytes: int) -> list[Document]:
     data = _read_bytes(path, max_bytes)
     if not data.lstrip().startswith(b"%PDF"):
         raise DocumentError(f"{path}: not a PDF file (no %PDF header)")
+    # Looked up at call time so the module constants (and tests) can change the limits and extractor.
+    result = _run_isolated(
+        _extract_pdf_text, data, path, timeout_s=PDF_TIMEOUT_S, memory_mb=PDF_MEMORY_LIMIT_MB
+    )
     try:
-        reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted:
-            # Many PDFs are "encrypted" with an empty user password only to set permissions.
-            try:
-                ok = reader.decrypt("")
-            except (PyPdfError, NotImplementedError) as exc:
-                raise DocumentError(f"{path}: PDF is encrypted and cannot be opened ({exc})") from None
-            if not ok:
-                raise DocumentError(f"{path}: PDF is password-protected")
-        pages = list(reader.pages)
-    except DocumentError:
-        raise
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise DocumentError(f"{path}: cannot read PDF ({exc})") from None
+        page_texts = [str(t) for t in result["page_texts"]]
+        num_pages = int(result["num_pages"])
+        raw_title = result.get("title")
+        page_errors = list(result.get("page_errors") or [])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DocumentError(f"{path}: cannot read PDF (unexpected reply from the PDF reader)") from None
+    for number, message in page_errors:
+        logger.warning("%s: could not extract text from page %s: %s", path, number, message)
 
     parts: list[str] = []
     sections: list[Section] = []
     pos = 0
-    for number, page in enumerate(pages, 1):
-        try:
-            page_text = page.extract_text() or ""
-        except Exception as exc:  # pypdf raises many exception types on broken content streams
-            # One broken page should not lose the rest of the document.
-            logger.warning("%s: could not extract text from page %d: %s", path, number, exc)
-            page_text = ""
+    for number, page_text in enumerate(page_texts, 1):
         page_text = _normalise_newlines(page_text).strip()
         if not page_text:
             continue
@@ -339,12 +496,7 @@ def _load_pdf(path: Path, max_bytes: int) -> list[Document]:
         raise DocumentError(
             f"{path}: PDF has no text layer (scanned PDF?); run OCR on it first or paste the text"
         )
-    title = ""
-    try:
-        if reader.metadata is not None and isinstance(reader.metadata.title, str):
-            title = _collapse_ws(reader.metadata.title)
-    except (PyPdfError, ValueError, KeyError, TypeError):
-        logger.debug("%s: unreadable PDF metadata", path)
+    title = _collapse_ws(raw_title) if isinstance(raw_title, str) else ""
     return [
         Document(
             doc_id=_sanitise_id(path.stem),
@@ -352,7 +504,7 @@ def _load_pdf(path: Path, max_bytes: int) -> list[Document]:
             text="\n\n".join(parts),
             source=str(path),
             sections=sections,
-            metadata={"format": "pdf", "num_pages": len(pages), "pages_with_text": len(parts)},
+            metadata={"format": "pdf", "num_pages": num_pages, "pages_with_text": len(parts)},
         )
     ]
 
@@ -478,10 +630,33 @@ def _parse_xml(data: bytes, path: Path) -> ET.Element:
         raise DocumentError(f"{path}: unsupported XML encoding ({exc})") from None
     # JATS is usually un-namespaced, but some exports use a default namespace and MathML is
     # always namespaced; local names make the walker below namespace-agnostic.
-    for elem in root.iter():
+    for elem in _iter_elements(root):
         if isinstance(elem.tag, str) and "}" in elem.tag:
             elem.tag = elem.tag.split("}", 1)[1]
     return root
+
+
+def _iter_elements(root: ET.Element, tag: str | None = None) -> Iterator[ET.Element]:
+    """``root.iter(tag)`` without recursion: same document order, any nesting depth.
+
+    defusedxml builds pure-Python elements, whose ``iter()`` recurses once per level and so
+    raises RecursionError on a few thousand nested elements.
+    """
+    stack = [root]
+    while stack:
+        elem = stack.pop()
+        if tag is None or elem.tag == tag:
+            yield elem
+        stack.extend(reversed(elem))
+
+
+class _NestingError(Exception):
+    """Block structure nested deeper than :data:`_MAX_BLOCK_DEPTH`; the loader adds the file name."""
+
+
+# Sections, lists and boxes nest a handful of levels in real articles; the block walker recurses
+# once per level, so a cap keeps a hostile file from exhausting the stack.
+_MAX_BLOCK_DEPTH = 100
 
 
 def _pick_alternative(alternatives: ET.Element) -> ET.Element | None:
@@ -503,34 +678,43 @@ def _inline_text(elem: ET.Element, floats: list[ET.Element] | None = None) -> st
     caller can emit their captions after the paragraph.
     """
     parts: list[str] = []
-
-    def walk(node: ET.Element) -> None:
+    # An explicit stack instead of recursion, so any nesting depth works. Each entry is an element
+    # to walk, a string to emit, or ("float", element); they are pushed in reverse so they pop in
+    # document order, exactly as a recursive walk would visit them.
+    stack: list[ET.Element | str | tuple[str, ET.Element]] = [elem]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        if isinstance(item, tuple):
+            if floats is not None:
+                floats.append(item[1])
+            continue
+        node = item
         if node.text:
             parts.append(node.text)
+        todo: list[ET.Element | str | tuple[str, ET.Element]] = []
         for child in node:
             tag = child.tag
             if not isinstance(tag, str):
                 pass
             elif tag in _JATS_FLOATS:
-                if floats is not None:
-                    floats.append(child)
+                todo.append(("float", child))
             elif tag in _JATS_SKIP:
                 pass
             elif tag == "alternatives":
                 pick = _pick_alternative(child)
                 if pick is not None:
-                    walk(pick)
+                    todo.append(pick)
             elif tag in _JATS_BLOCK or tag == "break":
                 # Block boundaries inside running text (list items, nested p) need a separator.
-                parts.append(" ")
-                walk(child)
-                parts.append(" ")
+                todo.extend((" ", child, " "))
             else:
-                walk(child)
+                todo.append(child)
             if child.tail:
-                parts.append(child.tail)
-
-    walk(elem)
+                todo.append(child.tail)
+        stack.extend(reversed(todo))
     return _collapse_ws("".join(parts))
 
 
@@ -557,17 +741,22 @@ def _float_text(elem: ET.Element) -> str:
 _Block = tuple[str, str]
 
 
-def _container_blocks(elem: ET.Element, heading: str | None = None) -> list[_Block]:
+def _container_blocks(elem: ET.Element, heading: str | None = None, depth: int = 0) -> list[_Block]:
     """Blocks for a section-like element: its heading line, then its content in reading order.
 
     Returns ``[]`` when there is no content, so e.g. a "Supporting Information" section holding
     only supplementary files leaves no orphan heading behind.
+
+    Raises:
+        _NestingError: If containers nest more than :data:`_MAX_BLOCK_DEPTH` levels deep.
     """
+    if depth > _MAX_BLOCK_DEPTH:
+        raise _NestingError
     body: list[_Block] = []
     for child in elem:
         if child.tag in ("title", "label"):
             continue
-        _child_blocks(child, body)
+        _child_blocks(child, body, depth)
     if not body:
         return []
     if heading is None:
@@ -575,7 +764,7 @@ def _container_blocks(elem: ET.Element, heading: str | None = None) -> list[_Blo
     return ([("heading", heading)] if heading else []) + body
 
 
-def _child_blocks(child: ET.Element, out: list[_Block]) -> None:
+def _child_blocks(child: ET.Element, out: list[_Block], depth: int = 0) -> None:
     tag = child.tag
     if not isinstance(tag, str) or tag in _JATS_SKIP:
         return
@@ -585,7 +774,7 @@ def _child_blocks(child: ET.Element, out: list[_Block]) -> None:
         if text:
             out.append(("para", text))
         for f in floats:
-            _child_blocks(f, out)
+            _child_blocks(f, out, depth)
     elif tag in _JATS_FLOATS:
         text = _float_text(child)
         if text:
@@ -600,7 +789,7 @@ def _child_blocks(child: ET.Element, out: list[_Block]) -> None:
             out.append(("para", text))
     elif any(isinstance(g.tag, str) and g.tag in _JATS_BLOCK for g in child):
         # Containers (sec, list, boxed-text, ...): recurse, keeping their own title as heading.
-        out.extend(_container_blocks(child))
+        out.extend(_container_blocks(child, depth=depth + 1))
     else:
         # Anything else with running text (disp-formula, preformat, unknown tags) is a paragraph.
         text = _inline_text(child)
@@ -748,13 +937,19 @@ def _load_jats(path: Path, max_bytes: int) -> list[Document]:
         articles = [root]
     else:
         # Wrappers such as <pmc-articleset> or OAI-PMH responses hold one or more articles.
-        articles = list(root.iter("article"))
+        articles = list(_iter_elements(root, "article"))
     if not articles:
         raise DocumentError(f"{path}: not a JATS article (root element is <{root.tag}>, expected <article>)")
     stem = _sanitise_id(path.stem)
-    if len(articles) == 1:
-        return [_article_to_document(articles[0], stem, path)]
-    return [_article_to_document(a, f"{stem}-{i}", path) for i, a in enumerate(articles, 1)]
+    try:
+        if len(articles) == 1:
+            return [_article_to_document(articles[0], stem, path)]
+        return [_article_to_document(a, f"{stem}-{i}", path) for i, a in enumerate(articles, 1)]
+    except _NestingError:
+        raise DocumentError(
+            f"{path}: JATS article is nested too deeply (sections, lists or boxes more than "
+            f"{_MAX_BLOCK_DEPTH} levels deep); not a real article?"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1102,7 +1297,8 @@ def load_documents(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX
       LF, so offsets refer to the normalised text. Markdown ATX headings become sections and the
       first top-level heading the title.
     * ``.pdf``: one document, text layer via pypdf, pages joined with blank lines, one section
-      ``"Page N"`` per page with text.
+      ``"Page N"`` per page with text. pypdf runs in a child process limited to
+      :data:`PDF_TIMEOUT_S` seconds and :data:`PDF_MEMORY_LIMIT_MB` of address space.
     * ``.nxml`` / ``.xml``: PMC JATS article: title, abstract(s), body sections and paragraphs in
       reading order, acknowledgements; figure/table captions kept, table bodies dropped. One
       section per abstract and per top-level body section.

@@ -613,6 +613,50 @@ def test_jats_without_text(tmp_path):
         load_documents(path)
 
 
+def test_jats_deeply_nested_inline_markup_loads(tmp_path):
+    # ~50 KB of PMC-style XML with 3,000 nested inline elements used to raise RecursionError.
+    depth = 3000
+    path = tmp_path / "nested.xml"
+    path.write_text(
+        "<article><body><sec><title>Results</title><p>Before "
+        + "<italic>" * depth
+        + "deep text"
+        + "</italic>" * depth
+        + " after.</p></sec></body></article>",
+        encoding="utf-8",
+    )
+    assert path.stat().st_size > 50_000
+    [doc] = load_documents(path)
+    assert doc.text == "Results\nBefore deep text after."
+    assert [s.title for s in doc.sections] == ["Results"]
+
+
+def test_jats_deeply_nested_blocks_are_refused_cleanly(tmp_path):
+    depth = 3000
+    path = tmp_path / "nested_sections.xml"
+    path.write_text(
+        "<article><body>" + "<sec><p>x</p>" * depth + "</sec>" * depth + "</body></article>",
+        encoding="utf-8",
+    )
+    with pytest.raises(DocumentError, match="nested too deeply") as exc:
+        load_documents(path)
+    assert "nested_sections.xml" in str(exc.value)
+
+
+def test_jats_moderately_nested_sections_still_load(tmp_path):
+    depth = 20
+    path = tmp_path / "sections.xml"
+    path.write_text(
+        "<article><body>"
+        + "".join(f"<sec><title>S{i}</title><p>P{i}.</p>" for i in range(depth))
+        + "</sec>" * depth
+        + "</body></article>",
+        encoding="utf-8",
+    )
+    [doc] = load_documents(path)
+    assert doc.text.endswith("S19\nP19.")
+
+
 @pytest.mark.skipif(not SHARED_PMC.is_dir(), reason="shared PMC sample files not available")
 def test_real_pmc_files_load():
     files = sorted(SHARED_PMC.glob("*/*.nxml")) + sorted(SHARED_PMC.glob("*/*.xml"))
@@ -686,6 +730,77 @@ def test_not_a_pdf(tmp_path):
         load_documents(path)
 
 
+def _broken_trailer_pdf() -> bytes:
+    """A PDF whose trailer is a number, not a dictionary: pypdf raises AttributeError on it."""
+    head = b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\n"
+    xref = b"xref\n0 2\n0000000000 65535 f \n0000000009 00000 n \ntrailer\n42\n"
+    return head + xref + b"startxref\n%d\n%%%%EOF\n" % len(head)
+
+
+def test_pdf_that_crashes_the_reader_is_a_document_error(tmp_path):
+    path = tmp_path / "trailer.pdf"
+    path.write_bytes(_broken_trailer_pdf())
+    with pytest.raises(DocumentError, match=r"trailer\.pdf: cannot read PDF") as exc:
+        load_documents(path)
+    assert "Traceback" not in str(exc.value) and "site-packages" not in str(exc.value)
+
+
+# The PDF reader runs in a child process; these stand-ins for the extractor are imported there by name.
+def _extract_raises_index_error(data: bytes) -> dict:
+    raise IndexError("list index out of range")
+
+
+def _extract_sleeps(data: bytes) -> dict:
+    import time
+
+    time.sleep(60)
+    return {}
+
+
+def _extract_allocates(data: bytes) -> dict:
+    chunks = [bytearray(16 * 1024 * 1024) for _ in range(64)]  # 1 GiB in all, unless stopped
+    return {"page_texts": [str(len(chunks))], "num_pages": 1, "title": None, "page_errors": []}
+
+
+@pytest.fixture
+def small_pdf(tmp_path) -> Path:
+    path = tmp_path / "small.pdf"
+    _make_pdf(path, ["Some text."])
+    return path
+
+
+def test_pdf_reader_exception_becomes_document_error(small_pdf, monkeypatch):
+    from qa_pipeline import documents
+
+    monkeypatch.setattr(documents, "_extract_pdf_text", _extract_raises_index_error)
+    with pytest.raises(DocumentError, match=r"small\.pdf: cannot read PDF \(IndexError: list index") as exc:
+        load_documents(small_pdf)
+    assert "Traceback" not in str(exc.value)
+
+
+def test_pdf_reader_timeout_becomes_document_error(small_pdf, monkeypatch):
+    import time
+
+    from qa_pipeline import documents
+
+    monkeypatch.setattr(documents, "_extract_pdf_text", _extract_sleeps)
+    monkeypatch.setattr(documents, "PDF_TIMEOUT_S", 1.5)
+    start = time.monotonic()
+    with pytest.raises(DocumentError, match=r"small\.pdf: PDF could not be read within 1\.5 s"):
+        load_documents(small_pdf)
+    assert time.monotonic() - start < 15
+
+
+def test_pdf_reader_memory_limit_becomes_document_error(small_pdf, monkeypatch):
+    pytest.importorskip("resource")
+    from qa_pipeline import documents
+
+    monkeypatch.setattr(documents, "_extract_pdf_text", _extract_allocates)
+    monkeypatch.setattr(documents, "PDF_MEMORY_LIMIT_MB", 300)
+    with pytest.raises(DocumentError, match=r"small\.pdf: PDF could not be read within 300 MB of memory"):
+        load_documents(small_pdf)
+
+
 # ------------------------------------------------------------------------------------------
 # Datasets
 # ------------------------------------------------------------------------------------------
@@ -738,4 +853,3 @@ def test_documents_from_dataset_errors():
 def test_pasted_text_drops_a_leading_bom():
     doc = load_text("\ufeffTitle: A book\r\nText.")
     assert doc.text == "Title: A book\nText." and doc.doc_id == load_text("Title: A book\nText.").doc_id
-
