@@ -98,7 +98,6 @@ def test_round_trip_and_layout(st: MemoryStore) -> None:
     (folder,) = doc_dirs(st.root)
     assert sorted(p.name for p in (st.root / "docs" / folder).iterdir()) == [
         "recall_key.faiss",
-        "summary.faiss",
         "tensors.safetensors",
     ]
     assert (st.root / "store.sqlite").is_file()
@@ -121,7 +120,7 @@ def test_search_finds_planted_vector_with_exact_scores(st: MemoryStore) -> None:
     query = rng.standard_normal(D).astype(np.float32)
     a, b = make_doc(20, seed=1), make_doc(30, seed=2)
     b["arrays"]["recall_key"][17] = 5 * query  # by far the largest inner product
-    st.add_document("a", **a)
+    st.add_document("a", **a, indexed=("recall_key", "summary"))
     st.add_document("b", **b)
 
     hits = st.search(query, doc_id="b", k=5)
