@@ -495,8 +495,10 @@ class HMTModel(nn.Module):
             options: 1-D id tensors, one per option.
             memory_state: memory of the document read before the prompt.
             query_ids, whole_prompt: as in ``iter_generate``.
-            return_hidden: also return the last layer's state at the prompt's last token (d,): what
-                the LM head reads to choose the first answer token (a decision head's input).
+            return_hidden: also return (2, d): the last layer's state at the prompt's last token (what
+                the LM head reads to choose the first answer token) and its mean over the prompt's
+                own tokens (what the prompt's text says, memory and sensory tokens left out): a
+                decision head's inputs.
 
         Returns:
             (sum of log-probabilities (n_options,), number of option tokens (n_options,)[, hidden (d,)]).
@@ -538,7 +540,10 @@ class HMTModel(nn.Module):
             )
             token_lp = torch.cat([first[:, None], later], dim=1) * opt_mask
         out = (token_lp.sum(dim=1), opt_mask.sum(dim=1))
-        return (*out, hidden[0, p - 1].float()) if return_hidden else out
+        if not return_hidden:
+            return out
+        t = tail.shape[1]
+        return (*out, torch.stack([hidden[0, p - 1], hidden[0, p - t : p].mean(dim=0)]).float())
 
     @torch.no_grad()
     def iter_generate(

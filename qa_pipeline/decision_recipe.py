@@ -32,7 +32,7 @@ from .train_data import PUBMEDQA, PUBMEDQA_TRAIN
 logger = logging.getLogger(__name__)
 
 FEATURE_MODES = ("hmt", "hmt+retrieval")
-L2_GRID = (1.0, 10.0, 100.0, 1000.0)
+L2_GRID = (0.1, 1.0, 10.0, 100.0)
 
 
 def pubmedqa_training_rows(root: Path, *, group: int = 8, seed: int = 0) -> list[QARow]:

@@ -602,7 +602,7 @@ class Engine:
         totals, _, hidden = model.score_options(
             prompt_ids, option_ids, state, return_hidden=True, **memory_kw
         )
-        logprobs, hidden = totals.numpy(), hidden.numpy()
+        logprobs, hidden = totals.numpy(), hidden.reshape(-1).numpy()  # [last state, mean state]
         # The head is fitted on the HMT model's answering pass; the plain backbone keeps likelihood.
         decided = self.decision_heads.decide(options, logprobs, hidden) if model is self.model else None
         threshold = None

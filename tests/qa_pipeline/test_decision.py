@@ -96,7 +96,7 @@ def _checkpoint_with_head(tmp_path, bias, threshold=0.0):
     ckpt = tmp_path / "ckpt"
     model = HMTModel(backbone, HMTConfig(segment_length=64, sensory_length=8))
     model.save_pretrained(ckpt)
-    d = model.hidden_size
+    d = 2 * model.hidden_size  # the decision state: [last token's state, mean over the prompt]
     head = OptionHead(
         options=["yes", "no", "maybe"],
         lm_weight=0.0,
