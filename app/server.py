@@ -21,6 +21,7 @@ def launch(demo: gr.Blocks, settings: AppSettings, **kwargs) -> gr.Blocks:
 
     The upload limit is enforced by Gradio itself (``max_file_size``), so an oversize file is
     refused before it is written to disk; the handlers check it again with a friendlier message.
+    The demo's Blocks holds the limit too (:class:`app.ui.AppBlocks`), for launches that skip this.
     """
     qa = getattr(demo, "hmtqa", None)
     if qa is not None:

@@ -2,12 +2,14 @@
 
 Every method takes the caller's :class:`UserSession`; documents a session uploads go to its own
 private store (a folder under the session root) and are never listed for anyone else. The shared
-store is read by everyone and written only when a user asks to save a document there.
+store is read by everyone and written only when a user asks to save a document there, and only
+on a server started with ``--allow-shared-writes`` (then within a quota).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 UPLOAD_SUFFIXES = (".txt", ".md", ".pdf", ".nxml", ".xml")
 PRIVATE, SHARED = "yours", "shared"
+SESSION_PREFIX, ROOT_PREFIX = "session-", "hmtqa-sessions-"
 
 IngestProgress = Callable[[str, int, int, float], None]  # (doc title, segments done, total, tokens/s)
 
@@ -119,6 +122,8 @@ class QAService:
         self._sessions: weakref.WeakSet[UserSession] = weakref.WeakSet()
         self._root_lock = threading.Lock()
         self._downloads: Path | None = None
+        self._shared_write_lock = threading.Lock()
+        self.sweep_stale_sessions()
 
     # ------------------------------------------------------------------ engine, stores, sessions
     def engine(self) -> Engine:
@@ -130,14 +135,42 @@ class QAService:
             if self._session_root is None:
                 if self.settings.session_root:
                     self._session_root = Path(self.settings.session_root)
-                    self._session_root.mkdir(parents=True, exist_ok=True)
                 else:
-                    self._session_root = Path(tempfile.mkdtemp(prefix="hmtqa-sessions-"))
+                    self._session_root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
                     self._own_session_root = True
-            folder = Path(tempfile.mkdtemp(prefix="session-", dir=self._session_root))
+            # Again every time: another server's sweep may have taken a root idle for longer than the TTL.
+            self._session_root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=SESSION_PREFIX, dir=self._session_root))
         session = UserSession(folder)
         self._sessions.add(session)
         return session
+
+    def sweep_stale_sessions(self) -> list[Path]:
+        """Remove session folders nothing has touched for longer than the session TTL (run at start).
+
+        A server that was killed, or a request that died, leaves them behind; a live session is
+        deleted after the same idle time anyway. With ``--session-root`` the sweep covers that
+        folder's ``session-*`` folders; with the default temporary root, earlier servers' roots.
+        """
+        now, ttl = time.time(), self.settings.session_ttl_s
+        if self.settings.session_root:
+            parent, prefix = Path(self.settings.session_root), SESSION_PREFIX
+        else:
+            parent, prefix = Path(tempfile.gettempdir()), ROOT_PREFIX
+        removed = []
+        try:
+            candidates = [p for p in parent.iterdir() if p.name.startswith(prefix)]
+        except OSError:  # no root yet
+            return removed
+        for path in candidates:
+            if path.is_symlink() or not path.is_dir() or path == self._session_root:
+                continue
+            if now - _last_modified(path) > ttl:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        if removed:
+            logger.info("removed %d stale session folder(s) under %s", len(removed), parent)
+        return removed
 
     def shared_store(self, *, wait: bool = True) -> MemoryStore | None:
         """The shared store opened for writing (needs the model), or None if disabled or unusable.
@@ -231,11 +264,11 @@ class QAService:
         doc_id = (doc_id or "").strip()
         if not doc_id:
             raise AppError("Pick a document first, or add one with Ingest.")
-        engine = self.engine()
-        if session is not None:
-            private = session.store(engine)
-            if doc_id in private:
-                return private, PRIVATE
+        self.engine()  # waits for the model (and reports a failed load) as every action does
+        # Only a store the session already has: looking a document up must not create one.
+        private = session.existing_store() if session is not None else None
+        if private is not None and doc_id in private:
+            return private, PRIVATE
         shared = self.shared_store()
         if shared is not None and doc_id in shared:
             return shared, SHARED
@@ -251,6 +284,11 @@ class QAService:
         """
         limit = self.settings.max_upload_bytes
         limit_text = f"{self.settings.max_upload_mb:g} MB"
+        max_files = self.settings.max_files_per_request
+        if len(paths) > max_files:
+            raise AppError(
+                f"{len(paths)} files at once; this server takes up to {max_files} per ingest: send them in parts."
+            )
         docs: list[Document] = []
         names = names or [Path(p).name for p in paths]
         for path, name in zip(paths, names, strict=True):
@@ -284,7 +322,28 @@ class QAService:
             docs.append(doc)
         if not docs:
             raise AppError("Nothing to ingest: upload a file or paste some text first.")
+        if len(docs) > max_files:
+            raise AppError(
+                f"These uploads hold {len(docs)} documents; this server takes up to {max_files} per ingest: send them in parts."
+            )
         return docs
+
+    def check_document_tokens(self, engine: Engine, docs: list[Document]) -> None:
+        """Refuse a document longer than ``max_document_tokens`` (counted with the model's tokenizer).
+
+        A token covers at least one byte of the text, so only texts with more bytes than the limit
+        are tokenized here, and only until the count passes it.
+        """
+        limit = self.settings.max_document_tokens
+        for doc in docs:
+            if len(doc.text.encode("utf-8")) <= limit:
+                continue
+            n_tokens = count_tokens(engine.tokenizer, doc.text, stop_after=limit)
+            if n_tokens > limit:
+                raise AppError(
+                    f"{doc.title or doc.doc_id} is more than {limit:,} tokens long, the longest document this "
+                    "server reads; upload the part you need (or split it into several documents)."
+                )
 
     def ingest(
         self,
@@ -295,7 +354,10 @@ class QAService:
         progress: IngestProgress | None = None,
     ) -> list[dict]:
         """Read documents through HMT into the session's private store (and the shared one if asked)."""
+        if save_shared:
+            self._check_shared_writes()  # before the (long) read, not after it
         engine = self.engine()
+        self.check_document_tokens(engine, docs)  # every document before any is read
         store = session.store(engine)
         results = []
         for doc in docs:
@@ -326,6 +388,7 @@ class QAService:
 
     def save_to_shared(self, session: UserSession, doc_id: str) -> str:
         """Copy one of the session's documents (text, segments, memories) into the shared store."""
+        self._check_shared_writes()
         shared = self.shared_store()
         if shared is None:
             raise AppError(self.shared_error or "This server has no shared store (started with --store '').")
@@ -340,21 +403,45 @@ class QAService:
                 f"The shared store already has a different document called {doc_id!r}; rename your file and ingest it again."
             )
         info = store.get_document(doc_id)
-        try:
-            # Same model fingerprint on both stores, so the memories can be copied as they are.
-            shared.add_document(
-                doc_id,
-                title=info.title,
-                source=info.source,
-                text=text,
-                metadata=info.metadata,
-                segments=store.segments(doc_id),
-                arrays=store.arrays(doc_id),
-                n_tokens=info.n_tokens,
-            )
-        except StoreError as err:
-            raise AppError(f"Saving {doc_id} to the shared store failed: {err}") from None
+        arrays = store.arrays(doc_id)
+        with self._shared_write_lock:  # the quota check and the write, one save at a time
+            new_bytes = len(text.encode("utf-8")) + sum(a.nbytes for a in arrays.values())
+            self._check_shared_quota(shared, new_bytes)
+            try:
+                # Same model fingerprint on both stores, so the memories can be copied as they are.
+                shared.add_document(
+                    doc_id,
+                    title=info.title,
+                    source=info.source,
+                    text=text,
+                    metadata=info.metadata,
+                    segments=store.segments(doc_id),
+                    arrays=arrays,
+                    n_tokens=info.n_tokens,
+                )
+            except StoreError as err:
+                raise AppError(f"Saving {doc_id} to the shared store failed: {err}") from None
         return f"{doc_id} saved to the shared store; every user can now pick it."
+
+    def _check_shared_writes(self) -> None:
+        if not self.settings.allow_shared_writes:
+            raise AppError(
+                "Saving to the shared store is turned off on this server (it is read-only for users; "
+                "the operator can start it with --allow-shared-writes)."
+            )
+
+    def _check_shared_quota(self, shared: MemoryStore, new_bytes: int) -> None:
+        n_docs, max_docs = len(shared.list_documents()), self.settings.shared_max_documents
+        if n_docs >= max_docs:
+            raise AppError(
+                f"The shared store is full ({n_docs} documents, the limit is {max_docs}); nothing was saved."
+            )
+        used, max_bytes = _folder_bytes(Path(self.settings.store)), self.settings.shared_max_bytes
+        if used + new_bytes > max_bytes:
+            raise AppError(
+                f"The shared store is full: this document ({new_bytes / 2**20:.1f} MB) would take it past its "
+                f"{self.settings.shared_max_mb:g} MB limit ({used / 2**20:.1f} MB used); nothing was saved."
+            )
 
     # ------------------------------------------------------------------ answers
     @staticmethod
@@ -512,6 +599,50 @@ class QAService:
             raise AppError(f"The batch failed: {err}") from None
         records = load_records(out)
         return records, summarize(records), out
+
+
+def count_tokens(tokenizer, text: str, *, stop_after: int | None = None, chunk_chars: int = 200_000) -> int:
+    """How many tokens ``text`` is, tokenized in pieces cut at whitespace (as the engine does); with
+    ``stop_after``, the count so far as soon as it passes that."""
+    n, pos = 0, 0
+    while pos < len(text):
+        end = min(len(text), pos + chunk_chars)
+        if end < len(text):
+            half = pos + chunk_chars // 2
+            cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end))
+            end = cut if cut > pos else end
+        try:  # special-token strings in a document are text to the engine, so count them as text
+            ids = tokenizer(text[pos:end], add_special_tokens=False, split_special_tokens=True).input_ids
+        except TypeError:  # a tokenizer without split_special_tokens
+            ids = tokenizer(text[pos:end], add_special_tokens=False).input_ids
+        n += len(ids)
+        if stop_after is not None and n > stop_after:
+            break
+        pos = end
+    return n
+
+
+def _last_modified(folder: Path) -> float:
+    """The newest modification time of ``folder`` and anything in it (a store's writes touch only its files)."""
+    newest = folder.lstat().st_mtime
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except OSError:
+                continue
+    return newest
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 def _servable_roots() -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import gradio as gr
@@ -102,6 +103,30 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+class AppBlocks(gr.Blocks):
+    """``gr.Blocks`` whose upload limit holds however the app is launched.
+
+    Gradio reads ``max_file_size`` from the Blocks on every upload, and ``launch()`` (and
+    ``mount_gradio_app``) assign it, ``None`` (no limit) unless told otherwise: so ``gradio app.py``
+    or a platform calling ``demo.launch()`` would lift the limit. Here the limit set at construction
+    always applies; a launch may only lower it.
+    """
+
+    def __init__(self, *args: Any, upload_limit: int | None = None, **kwargs: Any) -> None:
+        self.upload_limit = upload_limit
+        self._launch_file_size: int | None = None
+        super().__init__(*args, **kwargs)
+
+    @property
+    def max_file_size(self) -> int | None:  # type: ignore[override]
+        limits = [v for v in (getattr(self, "_launch_file_size", None), self.upload_limit) if v is not None]
+        return min(limits) if limits else None
+
+    @max_file_size.setter
+    def max_file_size(self, value: int | None) -> None:
+        self._launch_file_size = value
+
+
 def _close_session(session: UserSession | None) -> None:
     """Gradio calls this when a session's state expires: its private store goes with it."""
     if session is not None:
@@ -122,6 +147,19 @@ class QAApp:
             return self.service.new_session()
         return session
 
+    @contextmanager
+    def _request_session(self, session: UserSession | None) -> Iterator[UserSession]:
+        """The caller's session, or a new one. A new one is closed (its folder removed) if the
+        request fails: Gradio keeps no state from a failed call, so nothing would ever reach it."""
+        created = session is None or session.closed
+        current = self._session(session)
+        try:
+            yield current
+        except BaseException:
+            if created:
+                current.close()
+            raise
+
     def model_status(self) -> str:
         s, loader = self.settings, self.service.loader
         checkpoint = "untrained memory" if s.checkpoint is None else f"checkpoint `{s.checkpoint}`"
@@ -134,7 +172,7 @@ class QAApp:
             note = "**model loading…** you can upload and paste already; actions start once it is ready"
         line = f"Model `{s.backbone}` · {checkpoint} · `{s.dtype}` — {note}"
         if s.store:
-            line += f" · shared store `{s.store}`"
+            line += f" · shared store `{s.store}`" + ("" if s.allow_shared_writes else " (read-only)")
         if self.service.shared_error:
             line += f"\n\n⚠ {self.service.shared_error}"
         return line
@@ -169,22 +207,24 @@ class QAApp:
         progress: gr.Progress = gr.Progress(),
     ) -> tuple:
         """API ``ingest``: read uploaded files and/or pasted text into memory; returns the document id."""
-        session = self._session(session)
-        paths = [str(f) for f in (files or [])]
-        docs = self.service.load_uploads(paths, text)  # checks every input before any model work
-        if not self.service.loader.ready:
-            progress(0.0, desc="Model loading…")
+        with self._request_session(session) as session:
+            paths = [str(f) for f in (files or [])]
+            docs = self.service.load_uploads(paths, text)  # checks every input before any model work
+            if not self.service.loader.ready:
+                progress(0.0, desc="Model loading…")
 
-        def report(title: str, done: int, total: int, tps: float) -> None:
-            progress((done, total), desc=f"Reading {title[:40]}: {tps:,.0f} tokens/s", unit="segments")
+            def report(title: str, done: int, total: int, tps: float) -> None:
+                progress((done, total), desc=f"Reading {title[:40]}: {tps:,.0f} tokens/s", unit="segments")
 
-        results = self.service.ingest(session, docs, save_shared=bool(save_to_shared), progress=report)
+            results = self.service.ingest(session, docs, save_shared=bool(save_to_shared), progress=report)
         lines = []
         for r in results:
             speed = f", {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else ""
-            lines.append(f"✓ **{r['doc_id']}** {r['status']}: {r['tokens']:,} tokens, {r['segments']} segments{speed}")
+            lines.append(
+                f"✓ `{r['doc_id']}` {r['status']}: {r['tokens']:,} tokens, {r['segments']} segments{speed}"
+            )
             if r.get("shared"):
-                lines.append(f"  ↳ {r['shared']}")
+                lines.append(f"  ↳ {views.md_text(r['shared'])}")
         return session, "\n\n".join(lines), results[-1]["doc_id"], results
 
     def ask(
@@ -197,11 +237,12 @@ class QAApp:
     ) -> Iterator[tuple]:
         """API ``ask``: stream the answer; the final output is the answer and its JSON (evidence,
         confidence, abstained, the supporting sentence etc.)."""
-        session = self._session(session)
-        if not self.service.loader.ready:
-            yield session, "(model loading… the answer starts as soon as it is ready)", None
-        for text, answer in self.service.ask_stream(session, doc_id or "", question, mode=mode, options=options):
-            yield session, text, None if answer is None else answer.to_json()
+        with self._request_session(session) as session:
+            if not self.service.loader.ready:
+                yield session, "(model loading… the answer starts as soon as it is ready)", None
+            stream = self.service.ask_stream(session, doc_id or "", question, mode=mode, options=options)
+            for text, answer in stream:
+                yield session, text, None if answer is None else answer.to_json()
 
     def show_answer(self, session: UserSession | None) -> tuple:
         """After an answer: evidence and the supporting sentence over the text, confidence and timings,
@@ -229,10 +270,10 @@ class QAApp:
     @staticmethod
     def _memory_title(view: MemoryView, answer: Answer | None = None) -> str:
         n_tokens = view.segments[-1].token_end if view.segments else 0
-        title = f" {view.title}" if view.title and view.title != view.doc_id else ""
+        title = f" {views.md_text(view.title)}" if view.title and view.title != view.doc_id else ""
         line = f"**Document**{title} (`{view.doc_id}`) · {len(view.segments)} segments · {n_tokens:,} tokens"
         if answer is not None:
-            line += f"\n\n**Last question** ({answer.mode}): {answer.question}"
+            line += f"\n\n**Last question** ({answer.mode}): {views.md_text(answer.question)}"
         return line
 
     def select_document(self, session: UserSession | None, doc_id: str | None) -> tuple:
@@ -253,8 +294,9 @@ class QAApp:
         )
 
     def save_to_shared(self, session: UserSession | None, doc_id: str | None) -> tuple:
-        session = self._session(session)
-        return session, f"✓ {self.service.save_to_shared(session, doc_id or '')}"
+        """API ``save_to_shared``: only on a server started with --allow-shared-writes, within its quota."""
+        with self._request_session(session) as session:
+            return session, f"✓ {views.md_text(self.service.save_to_shared(session, doc_id or ''))}"
 
     def search(self, session: UserSession | None, doc_id: str | None, text: str, k: float = 5) -> list[list]:
         """API ``search``: the segments whose recall keys best match the text (FAISS inner product)."""
@@ -270,20 +312,20 @@ class QAApp:
         progress: gr.Progress = gr.Progress(),
     ) -> tuple:
         """API ``batch``: answer a JSONL/CSV file of questions; metrics, results and a results file."""
-        session = self._session(session)
-        if use_sample:
-            rows = sample_rows()
-        elif questions_file:
-            rows = read_batch_upload(questions_file, max_rows=self.settings.max_batch_rows)
-        else:
-            raise AppError("Upload a .jsonl or .csv file of questions, or tick the bundled sample.")
-        if not self.service.loader.ready:
-            progress(0.0, desc="Model loading…")
+        with self._request_session(session) as session:
+            if use_sample:
+                rows = sample_rows()
+            elif questions_file:
+                rows = read_batch_upload(questions_file, max_rows=self.settings.max_batch_rows)
+            else:
+                raise AppError("Upload a .jsonl or .csv file of questions, or tick the bundled sample.")
+            if not self.service.loader.ready:
+                progress(0.0, desc="Model loading…")
 
-        def report(done: int, total: int) -> None:
-            progress((done, total), desc="Answering", unit="answers")
+            def report(done: int, total: int) -> None:
+                progress((done, total), desc="Answering", unit="answers")
 
-        records, metrics, out = self.service.run_batch(session, rows, list(modes or []), progress=report)
+            records, metrics, out = self.service.run_batch(session, rows, list(modes or []), progress=report)
         errors = sum(1 for r in records if r.get("error"))
         status = f"✓ {len(records)} answers ({len(rows)} questions × {len(modes)} modes)"
         if errors:
@@ -312,7 +354,15 @@ class QAApp:
     def _layout(self) -> gr.Blocks:
         model = {"concurrency_id": MODEL_EVENTS, "concurrency_limit": self.settings.concurrency}
         light = {"concurrency_limit": None, "api_name": False, "show_progress": "hidden"}
-        with gr.Blocks(title="hmt-qa", theme=_theme(), css=CSS, analytics_enabled=False) as demo:
+        blocks = AppBlocks(
+            title="hmt-qa",
+            theme=_theme(),
+            css=CSS,
+            analytics_enabled=False,
+            upload_limit=self.settings.max_upload_bytes,
+            delete_cache=self.settings.delete_cache,  # uploads and results files do not pile up
+        )
+        with blocks as demo:
             session = gr.State(None, time_to_live=self.settings.session_ttl_s, delete_callback=_close_session)
             gr.Markdown(HEADER)
             status = gr.Markdown(self.model_status(), elem_id="model-status")
@@ -334,11 +384,17 @@ class QAApp:
                                 lines=5,
                                 max_lines=10,
                                 placeholder="Paste an article, a case report, a discharge summary…",
+                                # Characters, at most one byte each; the server checks the UTF-8 bytes again.
+                                max_length=self.settings.max_upload_bytes,
                                 elem_id="paste",
                             )
                             with gr.Row():
                                 example_btn = gr.Button("Paste example notes", size="sm", variant="secondary", elem_id="example-btn")
-                                save_shared = gr.Checkbox(label="Also save to the shared store (all users see it)")
+                                save_shared = gr.Checkbox(
+                                    label="Also save to the shared store (all users see it)",
+                                    visible=self.settings.allow_shared_writes and bool(self.settings.store),
+                                    elem_id="save-shared",
+                                )
                             ingest_btn = gr.Button("Ingest", variant="primary", elem_id="ingest-btn")
                             ingest_status = gr.Markdown(label="status", elem_id="ingest-status")
                             ingested_id = gr.Textbox(label="document id", visible=False)
@@ -366,7 +422,12 @@ class QAApp:
                             ask_btn = gr.Button("Ask", variant="primary", elem_id="ask-btn")
                             answer = gr.Textbox(label="Answer", lines=2, interactive=False, show_copy_button=True, elem_id="answer")
                             timings = gr.Markdown(elem_id="timings")
-                            share_btn = gr.Button("Save the selected document to the shared store", size="sm")
+                            share_btn = gr.Button(
+                                "Save the selected document to the shared store",
+                                size="sm",
+                                visible=self.settings.allow_shared_writes and bool(self.settings.store),
+                                elem_id="share-btn",
+                            )
                             share_status = gr.Markdown(label="status")
                     evidence = gr.HighlightedText(
                         label="Evidence over the document text: the segments the answer drew on, ranked, and its supporting sentence",

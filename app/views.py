@@ -5,6 +5,7 @@ No Gradio here, so they are tested directly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from qa_pipeline.engine import Answer, Evidence
@@ -21,6 +22,19 @@ SUPPORT_LABEL = "supporting sentence"
 SUPPORT_COLOR = "#69db7c"  # green: stands out inside the orange evidence
 
 Highlight = list[tuple[str, str | None]]
+
+_MD_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def md_text(text: object) -> str:
+    """Text from a document or a user (a title, a snippet, a question), made inert for a Markdown component.
+
+    On one line, with every ASCII punctuation character backslash-escaped (CommonMark allows that for
+    all of them and shows the character itself): an image ``![x](http://...)`` a title carries is not
+    loaded for every user who opens the document, nor a link, an HTML tag or emphasis made. Document
+    ids (letters, digits, ``._-``) go in code spans instead.
+    """
+    return _MD_PUNCTUATION.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def evidence_label(rank: int, ev: Evidence, mode: str) -> str:
@@ -109,7 +123,7 @@ def confidence_markdown(answer: Answer) -> str | None:
     line = f"**low confidence: the document does not seem to say** (confidence {answer.confidence:.2f})"
     if answer.option_scores:
         guess = max(answer.option_scores, key=answer.option_scores.get)
-        line += f" · the model's best guess: “{snippet(guess, 80)}”"
+        line += f" · the model's best guess: “{md_text(snippet(guess, 80))}”"
     return line
 
 
@@ -117,7 +131,8 @@ def support_markdown(answer: Answer) -> str | None:
     """The evidence sentence the answer rests on, quoted on one line; None when there is none."""
     if answer.support is None or not answer.support.text.strip():
         return None
-    return f"**supporting sentence:** “{snippet(answer.support.text, 300)}” (green in the text below)"
+    quoted = md_text(snippet(answer.support.text, 300))
+    return f"**supporting sentence:** “{quoted}” (green in the text below)"
 
 
 def answer_markdown(answer: Answer) -> str:
@@ -130,12 +145,15 @@ def answer_markdown(answer: Answer) -> str:
     )
     if answer.option_scores:
         scores = sorted(answer.option_scores.items(), key=lambda kv: -kv[1])
-        lines.append("**option scores** (log-probabilities; the decision head's where the checkpoint has one) " + " · ".join(f"{o}: {s:.2f}" for o, s in scores))
+        lines.append(
+            "**option scores** (log-probabilities; the decision head's where the checkpoint has one) "
+            + " · ".join(f"{md_text(o)}: {s:.2f}" for o, s in scores)
+        )
     if not answer.evidence:
         lines.append("_No evidence returned for this mode._")
     else:
         items = [
-            f"{rank}. {evidence_label(rank, ev, answer.mode).removeprefix(f'#{rank} ')}: “{snippet(ev.snippet, 110)}”"
+            f"{rank}. {evidence_label(rank, ev, answer.mode).removeprefix(f'#{rank} ')}: “{md_text(snippet(ev.snippet, 110))}”"
             for rank, ev in enumerate(answer.evidence[:3], start=1)
         ]
         lines.append("**top evidence** (highlighted in the text below)\n\n" + "\n".join(items))

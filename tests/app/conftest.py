@@ -62,8 +62,8 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_engine: Engine) -> Iterator[Server]:
-    """A running app on 127.0.0.1 with the tiny engine, a fresh shared store and session root."""
-    srv = start_server(tmp_path_factory.mktemp("app"), lambda: tiny_engine)
+    """A running app on 127.0.0.1 with the tiny engine, a fresh shared store (writable) and session root."""
+    srv = start_server(tmp_path_factory.mktemp("app"), lambda: tiny_engine, allow_shared_writes=True)
     srv.qa.service.loader.get(timeout=60)
     yield srv
     stop_server(srv)

@@ -112,3 +112,15 @@ def test_bad_uploads_show_an_error_and_the_page_keeps_working(page, tmp_path):
     page.evaluate("document.querySelectorAll('#files button[aria-label=\"Clear\"]').forEach(b => b.click())")
     page.click("#ingest-btn")
     page.locator("#ingest-status").get_by_text("ingested").wait_for()
+
+
+def test_a_document_title_shows_as_text(page):
+    """A title's Markdown and HTML (here an image that would load for every user) show as characters."""
+    title = "Evil ![x](http://127.0.0.1:9/x.png) <img src=x> *loud*"
+    page.fill("#paste textarea", f"# {title}\n\nThe patient takes aspirin 75 mg daily. " * 3)
+    page.click("#ingest-btn")
+    page.locator("#ingest-status").get_by_text("ingested").wait_for()
+    page.get_by_role("tab", name="Memory").click()
+    shown = page.locator("#memory-title")
+    shown.get_by_text(title, exact=False).wait_for()
+    assert shown.locator("img").count() == 0 and shown.locator("em").count() == 0

@@ -29,6 +29,26 @@ def test_defaults_and_flags():
         parse_args(["--max-upload-mb", "0"])
 
 
+def test_limits_and_shared_writes_flags():
+    d = AppSettings()
+    assert not d.allow_shared_writes  # the shared store is read-only for users unless the operator says so
+    assert (d.max_files_per_request, d.max_document_tokens, d.shared_max_documents, d.shared_max_mb) == (20, 200_000, 200, 1024)
+    s = parse_args(
+        ["--allow-shared-writes", "--shared-max-documents", "5", "--shared-max-mb", "2.5",
+         "--max-files-per-request", "3", "--max-document-tokens", "1000"]
+    )
+    assert (s.allow_shared_writes, s.shared_max_documents, s.shared_max_bytes) == (True, 5, int(2.5 * 1024 * 1024))
+    assert (s.max_files_per_request, s.max_document_tokens) == (3, 1000)
+    for bad in (["--max-files-per-request", "0"], ["--max-document-tokens", "0"], ["--shared-max-documents", "0"],
+                ["--shared-max-mb", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    ns = build_parser().parse_args(["serve", "--allow-shared-writes", "--shared-max-mb", "10"])
+    from app.settings import settings_from_args
+
+    assert settings_from_args(ns) == AppSettings(allow_shared_writes=True, shared_max_mb=10.0)
+
+
 def test_hmtqa_serve_has_the_same_flags():
     ns = build_parser().parse_args(["serve", "--port", "9000", "--store", "", "--checkpoint", "none"])
     from app.settings import settings_from_args

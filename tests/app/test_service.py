@@ -21,7 +21,12 @@ from .conftest import note
 @pytest.fixture
 def service(tmp_path, tiny_engine):
     svc = QAService(
-        AppSettings(store=str(tmp_path / "shared"), session_root=str(tmp_path / "sessions"), max_upload_mb=0.01),
+        AppSettings(
+            store=str(tmp_path / "shared"),
+            session_root=str(tmp_path / "sessions"),
+            max_upload_mb=0.01,
+            allow_shared_writes=True,
+        ),
         lambda: tiny_engine,
     )
     yield svc
@@ -241,7 +246,8 @@ def test_supporting_sentence_is_marked_inside_its_evidence():
 def test_answer_markdown_shows_confidence_and_the_supporting_sentence():
     support = Support("The INR\nwas *2.4* on day 3.", 10, 37, 2)
     md = views.answer_markdown(_answer(confidence=0.734, support=support))
-    assert md.startswith("**confidence:** 0.73\n\n**supporting sentence:** “The INR was *2.4* on day 3.”")
+    # Document text is escaped: its Markdown (here *emphasis*) shows as the characters themselves.
+    assert md.startswith(r"**confidence:** 0.73" "\n\n" r"**supporting sentence:** “The INR was \*2\.4\* on day 3\.”")
     assert "low confidence" not in md
 
     scores = {"yes": -0.9, "no": -0.5}
