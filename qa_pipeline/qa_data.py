@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .documents.model import join_blocks
+
 logger = logging.getLogger(__name__)
 
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
@@ -369,16 +371,8 @@ def pubmedqa_fused(
         order = [pmid, *rng.sample(others, n_docs - 1)]
         rng.shuffle(order)
 
-        parts: list[str] = []
-        spans: list[list[Any]] = []
-        pos = 0
-        for i, p in enumerate(order):
-            if i:
-                pos += 2  # the "\n\n" separator
-            parts.append(abstracts[p])
-            spans.append([p, pos, pos + len(abstracts[p])])
-            pos += len(abstracts[p])
-        document = "\n\n".join(parts)
+        document, sections = join_blocks((p, abstracts[p]) for p in order)
+        spans = [[s.title, s.start, s.end] for s in sections]
         target_position = order.index(pmid)
         _, start, end = spans[target_position]
 

@@ -14,7 +14,6 @@ from qa_pipeline.documents import (
     Document,
     DocumentError,
     Section,
-    documents_from_dataset,
     iter_jsonl,
     load_documents,
     load_text,
@@ -330,6 +329,22 @@ def test_json_list_of_text_objects(tmp_path):
 # ------------------------------------------------------------------------------------------
 # JSONL
 # ------------------------------------------------------------------------------------------
+
+
+def test_jsonl_text_as_paragraphs_or_hugging_face_contexts(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [
+        {"id": 21645374, "text": {"contexts": ["Ctx one.", "Ctx two."], "labels": ["BACKGROUND", "RESULTS"]}},
+        {"text": ["Para one.", "  ", "Para three."]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    first, second = load_documents(path)
+    assert first.doc_id == "21645374" and first.text == "Ctx one.\n\nCtx two."
+    assert [s.title for s in first.sections] == ["Background", "Results"]
+    assert second.text == "Para one.\n\nPara three."
+    assert [s.title for s in second.sections] == ["Context 1", "Context 3"]  # numbered as given
+    for doc in (first, second):
+        assert_valid_sections(doc)
 
 
 def test_jsonl_one_document_per_line(tmp_path):
@@ -770,9 +785,9 @@ def small_pdf(tmp_path) -> Path:
 
 
 def test_pdf_reader_exception_becomes_document_error(small_pdf, monkeypatch):
-    from qa_pipeline import documents
+    from qa_pipeline.documents import pdf
 
-    monkeypatch.setattr(documents, "_extract_pdf_text", _extract_raises_index_error)
+    monkeypatch.setattr(pdf, "_extract_pdf_text", _extract_raises_index_error)
     with pytest.raises(DocumentError, match=r"small\.pdf: cannot read PDF \(IndexError: list index") as exc:
         load_documents(small_pdf)
     assert "Traceback" not in str(exc.value)
@@ -781,10 +796,10 @@ def test_pdf_reader_exception_becomes_document_error(small_pdf, monkeypatch):
 def test_pdf_reader_timeout_becomes_document_error(small_pdf, monkeypatch):
     import time
 
-    from qa_pipeline import documents
+    from qa_pipeline.documents import pdf
 
-    monkeypatch.setattr(documents, "_extract_pdf_text", _extract_sleeps)
-    monkeypatch.setattr(documents, "PDF_TIMEOUT_S", 1.5)
+    monkeypatch.setattr(pdf, "_extract_pdf_text", _extract_sleeps)
+    monkeypatch.setattr(pdf, "PDF_TIMEOUT_S", 1.5)
     start = time.monotonic()
     with pytest.raises(DocumentError, match=r"small\.pdf: PDF could not be read within 1\.5 s"):
         load_documents(small_pdf)
@@ -793,61 +808,12 @@ def test_pdf_reader_timeout_becomes_document_error(small_pdf, monkeypatch):
 
 def test_pdf_reader_memory_limit_becomes_document_error(small_pdf, monkeypatch):
     pytest.importorskip("resource")
-    from qa_pipeline import documents
+    from qa_pipeline.documents import pdf
 
-    monkeypatch.setattr(documents, "_extract_pdf_text", _extract_allocates)
-    monkeypatch.setattr(documents, "PDF_MEMORY_LIMIT_MB", 300)
+    monkeypatch.setattr(pdf, "_extract_pdf_text", _extract_allocates)
+    monkeypatch.setattr(pdf, "PDF_MEMORY_LIMIT_MB", 300)
     with pytest.raises(DocumentError, match=r"small\.pdf: PDF could not be read within 300 MB of memory"):
         load_documents(small_pdf)
-
-
-# ------------------------------------------------------------------------------------------
-# Datasets
-# ------------------------------------------------------------------------------------------
-
-
-def test_documents_from_list_of_dicts():
-    rows = [{"text": "Alpha.", "label": 1}, {"text": "Beta.", "label": 0}]
-    docs = documents_from_dataset(rows)
-    assert [(d.doc_id, d.text) for d in docs] == [("row-0", "Alpha."), ("row-1", "Beta.")]
-    assert docs[1].metadata == {"label": 0, "row": 1}
-    assert docs[0].source == "dataset"
-
-
-def test_documents_from_hf_dataset_with_pubmedqa_layout():
-    datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_list(
-        [
-            {
-                "pubid": 21645374,
-                "question": "Do mitochondria play a role?",
-                "context": {"contexts": ["Ctx one.", "Ctx two."], "labels": ["BACKGROUND", "RESULTS"]},
-                "long_answer": "Yes they do.",
-                "final_decision": "yes",
-            }
-        ]
-    )
-    [doc] = documents_from_dataset(ds, text_field="context", id_field="pubid", title_field="question")
-    assert doc.doc_id == "21645374"
-    assert doc.title == "Do mitochondria play a role?"
-    assert doc.text == "Ctx one.\n\nCtx two."
-    assert [s.title for s in doc.sections] == ["Background", "Results"]
-    assert doc.metadata["final_decision"] == "yes"
-    assert "context" not in doc.metadata
-    assert_valid_sections(doc)
-
-
-def test_documents_from_dataset_errors():
-    with pytest.raises(DocumentError, match="row 1: row has no 'body' field"):
-        documents_from_dataset([{"body": "a"}, {"text": "b"}], text_field="body")
-    with pytest.raises(DocumentError, match="row 0: row has no 'pid' field"):
-        documents_from_dataset([{"text": "a"}], id_field="pid")
-    with pytest.raises(DocumentError, match="row 1: duplicate document id 'a'"):
-        documents_from_dataset([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], id_field="id")
-    with pytest.raises(DocumentError, match="single split"):
-        documents_from_dataset({"train": [{"text": "a"}]})
-    with pytest.raises(DocumentError, match="row 0: expected a mapping"):
-        documents_from_dataset(["plain string"])
 
 
 def test_pasted_text_drops_a_leading_bom():

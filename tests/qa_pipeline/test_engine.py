@@ -420,7 +420,7 @@ def test_a_checkpoint_whose_config_changed_does_not_read_the_old_store(tmp_path)
 
 def test_a_same_second_replace_of_equal_size_by_another_process_is_seen(engine, tmp_path, monkeypatch):
     """Same length, same token and segment counts, same second: only the content changed."""
-    monkeypatch.setattr("qa_pipeline.store._now", lambda: "2026-01-01T00:00:00Z")  # one clock second
+    monkeypatch.setattr("qa_pipeline.store.catalogue.now", lambda: "2026-01-01T00:00:00Z")  # one clock second
     store = engine.open_store(tmp_path / "s")
     old_text = make_text(40, seed=1)
     new_text = old_text.translate(str.maketrans("0123456789", "1234567890"))  # digits are one token each

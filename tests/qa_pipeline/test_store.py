@@ -151,8 +151,8 @@ def test_search_finds_planted_vector_with_exact_scores(st: MemoryStore) -> None:
 def test_index_cache_avoids_rereading(st: MemoryStore, monkeypatch) -> None:
     st.add_document("a", **make_doc(4))
     calls = []
-    real = store_mod.read_index_file
-    monkeypatch.setattr(store_mod, "read_index_file", lambda p: calls.append(p) or real(p))
+    real = store_mod.files.read_index_file
+    monkeypatch.setattr(store_mod.files, "read_index_file", lambda p: calls.append(p) or real(p))
     for _ in range(3):
         st.search(np.ones(D), doc_id="a")
     assert len(calls) == 1
@@ -227,7 +227,7 @@ def test_crash_mid_add_leaves_store_unchanged(
         raise exc
 
     if where == "sql":
-        monkeypatch.setattr(MemoryStore, "_insert_rows", boom)
+        monkeypatch.setattr(store_mod.catalogue.Catalogue, "insert_rows", boom)
     else:
         monkeypatch.setattr(os, "replace", boom)
     for doc_id, replace in [("b", False), ("a", True)]:
@@ -412,14 +412,12 @@ def test_deleted_text_is_gone_from_the_database_and_its_wal(tmp_path) -> None:
 def test_a_reader_takes_no_write_lock_and_leaves_leftovers_to_writers(tmp_path, monkeypatch) -> None:
     import sqlite3
 
-    import qa_pipeline.store as store_mod
-
     root = tmp_path / "store"
     with MemoryStore.open(root, FP) as s:
         s.add_document("a", **make_doc(2))
     (root / ".tmp" / "half-written").mkdir()
     # Another process is in the middle of a write: it holds SQLite's write lock.
-    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(store_mod.catalogue, "BUSY_TIMEOUT_S", 0.2)
     other = sqlite3.connect(str(root / "store.sqlite"), isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
