@@ -559,6 +559,7 @@ class HMTModel(nn.Module):
         query_ids: torch.Tensor | None = None,
         whole_prompt: bool = False,
         no_repeat_ngram_size: int = 0,
+        token_logprobs: list[torch.Tensor] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield new token ids (B,) one step at a time.
 
@@ -574,6 +575,7 @@ class HMTModel(nn.Module):
         segment with the whole prompt, however long, instead of reading its head through memory.
         ``no_repeat_ngram_size`` n > 0: no n-gram of the generated tokens occurs twice (a small
         model's greedy answers otherwise loop on a phrase until the token limit).
+        ``token_logprobs``, when a list, receives each step's (B,) log-probability of the chosen token.
         """
         if max_new_tokens <= 0:
             return
@@ -596,6 +598,8 @@ class HMTModel(nn.Module):
             if no_repeat_ngram_size > 0:
                 _ban_repeated_ngrams(logits, generated, no_repeat_ngram_size)
             next_ids = _pick(logits, do_sample, temperature, top_p, generator)
+            if token_logprobs is not None:
+                token_logprobs.append(torch.log_softmax(logits, dim=-1).gather(-1, next_ids[:, None])[:, 0])
             for row, token in zip(generated, next_ids.tolist(), strict=True):
                 row.append(token)
             yield next_ids

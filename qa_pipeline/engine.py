@@ -572,13 +572,14 @@ class Engine:
         with torch.inference_mode():
             if options:
                 return self._decide(model, prompt_ids, question_ids, state, options, start, memory_kw)
-            first, new = None, []
+            first, new, logprobs = None, [], []
             for step in model.iter_generate(
                 prompt_ids,
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens,
                 memory_state=state,
                 eos_token_id=self.tokenizer.eos_token_id,
                 no_repeat_ngram_size=self.config.no_repeat_ngram,
+                token_logprobs=logprobs,
                 **memory_kw,
             ):
                 first = first if first is not None else time.perf_counter() - start
@@ -588,11 +589,8 @@ class Engine:
                 if on_token is not None:
                     on_token(self.tokenizer.decode(new, skip_special_tokens=True))
             text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-            answer_logprob = None
-            if new:
-                # The answer's mean token log-likelihood under the same pass (one more forward).
-                total, count = model.score_options(prompt_ids, [torch.tensor(new)], state, **memory_kw)
-                answer_logprob = float(total[0] / count[0])
+            # The answer's mean token log-likelihood, as the decoder chose it (its end token left out).
+            answer_logprob = float(torch.cat(logprobs[: len(new)]).mean()) if new else None
             return _Response(text, None, first or 0.0, answer_logprob=answer_logprob)
 
     def _decide(self, model, prompt_ids, question_ids, state, options, start, memory_kw) -> _Response:

@@ -135,7 +135,8 @@ def test_truncated_bptt_keeps_w_k_learning_from_memories_older_than_the_cut(reca
 def test_new_parameter_count(recall):
     for recall_dim in (None, 32):
         model = HMTModel(
-            tiny_backbone(), HMTConfig(segment_length=L, sensory_length=K, recall_dim=recall_dim, recall=recall)
+            tiny_backbone(),
+            HMTConfig(segment_length=L, sensory_length=K, recall_dim=recall_dim, recall=recall),
         )
         d, d_h = WIDTH, recall_dim or WIDTH
         new = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.backbone.parameters())
@@ -354,8 +355,27 @@ def test_multi_token_options_with_memory_equal_their_token_by_token_chain():
         total, count = model.score_options(prompt, opts, state, **kw)
         for i, o in enumerate(opts):
             chain = sum(
-                model.score_options(torch.cat([prompt, o[None, :t]], dim=1), [o[t : t + 1]], state, **kw)[0][0]
+                model.score_options(torch.cat([prompt, o[None, :t]], dim=1), [o[t : t + 1]], state, **kw)[0][
+                    0
+                ]
                 for t in range(len(o))
             )
             assert_close(total[i], chain, rtol=1e-4, atol=1e-4)
     assert count.tolist() == [3, 1, 2]
+
+
+def test_generation_reports_the_log_probability_of_each_chosen_token():
+    model = make("hmt")
+    doc, prompt = ids(1, 2 * L), ids(1, 7, seed=3)
+    with torch.no_grad():
+        _, state = model.read_segments(doc, model.init_memory(1))
+        logprobs: list[torch.Tensor] = []
+        tokens = [
+            int(t[0])
+            for t in model.iter_generate(
+                prompt, max_new_tokens=4, memory_state=state, token_logprobs=logprobs
+            )
+        ]
+        total, _ = model.score_options(prompt, [torch.tensor(tokens)], state)
+    assert len(logprobs) == 4
+    assert_close(torch.cat(logprobs).sum(), total[0], rtol=1e-4, atol=1e-4)
