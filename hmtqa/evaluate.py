@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import CLIError, emit
+from .main import CLIError, emit
 
 
 def _load(ns: argparse.Namespace):
@@ -16,7 +16,7 @@ def _load(ns: argparse.Namespace):
     # Load in float32, fold adapters in, then cast: exactly how the QA engine loads, so the numbers match.
     backbone, tokenizer = load_backbone(ns.backbone, dtype="float32", device=ns.device)
     if ns.checkpoint and ns.checkpoint.lower() != "none":
-        from .engine import DEFAULT_CHECKPOINT
+        from qa_pipeline.engine import DEFAULT_CHECKPOINT
 
         path = DEFAULT_CHECKPOINT if ns.checkpoint == "default" else Path(ns.checkpoint)
         model = HMTModel.from_pretrained(path, backbone=backbone)
@@ -26,8 +26,8 @@ def _load(ns: argparse.Namespace):
 
 
 def cmd_ppl(ns: argparse.Namespace) -> int:
-    from .evaluate import format_ppl, ppl_by_context
-    from .train_data import data_dir, text_splits
+    from qa_pipeline.evaluate import format_ppl, ppl_by_context
+    from qa_pipeline.train_data import data_dir, text_splits
 
     try:
         root = data_dir(ns.data_dir)
@@ -54,10 +54,11 @@ def cmd_ppl(ns: argparse.Namespace) -> int:
 def cmd_qa(ns: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .cli_qa import _engine, _store_errors
-    from .engine import ANSWER_MODES
-    from .qa_eval import SETS, format_markdown, load_eval_set, run_qa_eval
-    from .train_data import data_dir
+    from qa_pipeline.engine import ANSWER_MODES
+    from qa_pipeline.qa_eval import SETS, format_markdown, load_eval_set, run_qa_eval
+    from qa_pipeline.train_data import data_dir
+
+    from .qa import _engine, _store_errors
 
     sets = [s.strip() for s in ns.sets.split(",") if s.strip()]
     modes = tuple(m.strip() for m in ns.modes.split(",") if m.strip())
@@ -116,10 +117,11 @@ def cmd_recall(ns: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from .cli_qa import _engine, _store_errors
-    from .dense import DenseModelNotFoundError
-    from .recall_eval import METHODS, SETS, format_recall, run_recall_eval
-    from .train_data import data_dir
+    from qa_pipeline.dense import DenseModelNotFoundError
+    from qa_pipeline.recall_eval import METHODS, SETS, format_recall, run_recall_eval
+    from qa_pipeline.train_data import data_dir
+
+    from .qa import _engine, _store_errors
 
     sets = [s.strip() for s in ns.sets.split(",") if s.strip()]
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
@@ -182,9 +184,10 @@ def cmd_recall(ns: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli_qa import _engine_args
-    from .engine import ANSWER_MODES
-    from .qa_eval import SETS as QA_SETS
+    from qa_pipeline.engine import ANSWER_MODES
+    from qa_pipeline.qa_eval import SETS as QA_SETS
+
+    from .qa import _engine_args
 
     p = sub.add_parser(
         "eval", help="evaluate on held-out data: perplexity by context, QA answers, segment recall"

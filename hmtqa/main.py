@@ -1,4 +1,8 @@
-"""``hmtqa``: the command line. Each subcommand has --help; most have --json."""
+"""``hmtqa``: the parser, :func:`main` and what every subcommand shares (CLIError, emit, dataclass flags).
+
+Each subcommand has --help; most have --json. The training commands live here; the others register
+themselves from :mod:`hmtqa.qa`, :mod:`hmtqa.evaluate` and :mod:`hmtqa.serve`.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ class CLIError(Exception):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .recipe import Recipe, run
+    from qa_pipeline.recipe import Recipe, run
 
     try:
         recipe = dataclass_from_args(Recipe, ns)
@@ -73,7 +77,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_train_recall(ns: argparse.Namespace) -> int:
-    from .recall_recipe import RecallRecipe, run
+    from qa_pipeline.recall_recipe import RecallRecipe, run
 
     try:
         recipe = dataclass_from_args(RecallRecipe, ns)
@@ -99,10 +103,11 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from . import decision_recipe
-    from .cli_qa import _engine
-    from .engine import DEFAULT_CHECKPOINT
-    from .train_data import data_dir
+    from qa_pipeline import decision_recipe
+    from qa_pipeline.engine import DEFAULT_CHECKPOINT
+    from qa_pipeline.train_data import data_dir
+
+    from .qa import _engine
 
     if str(ns.checkpoint).lower() == "none":
         raise CLIError("train-decision writes into a checkpoint folder: give --checkpoint PATH (or 'default')")
@@ -149,14 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from .recipe import Recipe
+    from qa_pipeline.recipe import Recipe
 
     p = sub.add_parser("train", help="stage 1 + stage 2 HMT training (torchrun for many processes)")
     add_dataclass_args(p, Recipe)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train)
 
-    from .recall_recipe import RecallRecipe
+    from qa_pipeline.recall_recipe import RecallRecipe
 
     p = sub.add_parser(
         "train-recall", help="give a checkpoint recall 'content' and train its recall head on cached features"
@@ -170,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a checkpoint's decision heads for closed questions (PubMedQA yes/no/maybe, Evidence "
         "Inference) on cached answering-pass features of training questions",
     )
-    from .cli_qa import _engine_args
+    from .qa import _engine_args
 
     _engine_args(p)
     p.add_argument("--data-dir", default=None, help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)")
@@ -178,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_decision)
 
-    from . import cli_eval, cli_qa, cli_serve  # each module registers its own subcommands
+    from . import evaluate, qa, serve  # each module registers its own subcommands
 
-    for module in (cli_qa, cli_eval, cli_serve):
+    for module in (qa, evaluate, serve):
         module.register(sub)
     return parser
 
@@ -195,10 +200,3 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"hmtqa {ns.command}: error: {err}\n")
         return 2
 
-
-if __name__ == "__main__":
-    # Under `python -m` this file is __main__; the commands raise qa_pipeline.cli.CLIError, so run
-    # the imported module's main to catch the same class.
-    from qa_pipeline.cli import main as _main
-
-    sys.exit(_main())

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import CLIError, emit
-from .engine import ANSWER_MODES, EngineConfig
+from qa_pipeline.engine import ANSWER_MODES, EngineConfig
+
+from .main import CLIError, emit
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine(ns: argparse.Namespace):
-    from .engine import Engine
+    from qa_pipeline.engine import Engine
 
     checkpoint = None if str(ns.checkpoint).lower() == "none" else ns.checkpoint
     try:
@@ -55,16 +56,16 @@ def _engine(ns: argparse.Namespace):
 
 def _existing_store(path: str):
     """Open an existing store read-only (no model needed), so that a wrong --store or --doc fails fast."""
-    from .store import MemoryStore
+    from qa_pipeline.store import MemoryStore
 
     return MemoryStore.open(path, create=False)
 
 
 def _store_errors():
-    from .documents import DocumentError
-    from .engine import QAError
-    from .qa_data import QADataError
-    from .store import StoreError
+    from qa_pipeline.documents import DocumentError
+    from qa_pipeline.engine import QAError
+    from qa_pipeline.qa_data import QADataError
+    from qa_pipeline.store import StoreError
 
     return (DocumentError, QAError, QADataError, StoreError, FileNotFoundError)
 
@@ -72,7 +73,7 @@ def _store_errors():
 def cmd_ingest(ns: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .documents import load_documents
+    from qa_pipeline.documents import load_documents
 
     try:
         docs, origin = [], {}
@@ -164,7 +165,7 @@ def cmd_ask(ns: argparse.Namespace) -> int:
 
 def _load_rows(spec: str, ns: argparse.Namespace, errors: list[str]) -> list:
     """Rows of one data spec; malformed JSONL lines are reported in ``errors`` and skipped."""
-    from .qa_data import _PREFIXES, _detect_kind, load_batch_data, read_rows
+    from qa_pipeline.qa_data import _PREFIXES, _detect_kind, load_batch_data, read_rows
 
     head, sep, rest = spec.partition(":")
     prefixed = bool(sep) and head.strip().lower() in _PREFIXES
@@ -187,8 +188,7 @@ def cmd_batch(ns: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from hmt.training import close_distributed, init_distributed
-
-    from .batch import batch_metrics, merge_parts, pending, run_batch
+    from qa_pipeline.batch import batch_metrics, merge_parts, pending, run_batch
 
     modes = tuple(m.strip() for m in ns.modes.split(",") if m.strip())
     bad = [m for m in modes if m not in ANSWER_MODES]
@@ -269,7 +269,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def cmd_docs(ns: argparse.Namespace) -> int:
-    from .store import MemoryStore, StoreError
+    from qa_pipeline.store import MemoryStore, StoreError
 
     try:
         store = MemoryStore.open(ns.store, create=False)

@@ -10,7 +10,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from app.server import serve
     from app.settings import settings_from_args
 
-    from .cli import CLIError
+    from .main import CLIError
 
     try:
         settings = settings_from_args(ns)

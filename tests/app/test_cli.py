@@ -10,7 +10,7 @@ import pytest
 
 from app.server import parse_args
 from app.settings import AppSettings
-from qa_pipeline.cli import build_parser
+from hmtqa.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +55,7 @@ def test_hmtqa_serve_has_the_same_flags():
 
     s = settings_from_args(ns)
     assert s == AppSettings(port=9000, store="", checkpoint=None)
-    assert ns.func.__module__ == "qa_pipeline.cli_serve"
+    assert ns.func.__module__ == "hmtqa.serve"
 
 
 def test_app_py_builds_demo_at_import_without_loading_the_model():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hmtqa.main import main
 from qa_pipeline.batch import run_batch, shard_rows
-from qa_pipeline.cli import main
 from qa_pipeline.engine import Engine, EngineConfig
 from qa_pipeline.qa_data import QARow, read_rows
 
@@ -85,7 +85,7 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
     def no_model(ns):
         raise AssertionError("a finished batch must not load a model")
 
-    monkeypatch.setattr("qa_pipeline.cli_qa._engine", no_model)
+    monkeypatch.setattr("hmtqa.qa._engine", no_model)
     assert main([*argv, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert out.stat().st_size == size
@@ -202,7 +202,7 @@ def test_batch_under_torchrun_two_ranks(tmp_path):
     out = tmp_path / "results.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "qa_pipeline.cli", "batch", str(data),
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "hmtqa", "batch", str(data),
          "--out", str(out), "--modes", ",".join(MODES), "--json", *MODEL],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=400,
     )

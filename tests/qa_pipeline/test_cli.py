@@ -1,4 +1,4 @@
-"""``hmtqa ingest | ask | docs`` in-process (qa_pipeline.cli.main) and across processes (tiny-random)."""
+"""``hmtqa ingest | ask | docs`` in-process (hmtqa.main.main) and across processes (tiny-random)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qa_pipeline.cli import main
+from hmtqa.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = ["--backbone", "tiny-random", "--checkpoint", "none", "--max-new-tokens", "4"]
@@ -239,7 +239,7 @@ def test_ingest_then_ask_from_another_process(tmp_path):
     doc.write_text(make_text(80), encoding="utf-8")
     store = tmp_path / "store"
     exe = Path(sys.executable).parent / "hmtqa"
-    first = [str(exe)] if exe.is_file() else [sys.executable, "-m", "qa_pipeline.cli"]
+    first = [str(exe)] if exe.is_file() else [sys.executable, "-m", "hmtqa"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     ingest = subprocess.run(
         [*first, "ingest", str(doc), "--store", str(store), "--json", *MODEL],
@@ -248,7 +248,7 @@ def test_ingest_then_ask_from_another_process(tmp_path):
     assert ingest.returncode == 0, ingest.stderr
     [info] = json.loads(ingest.stdout)
     ask = subprocess.run(
-        [sys.executable, "-m", "qa_pipeline.cli", "ask", "Did aspirin help?", "--store", str(store),
+        [sys.executable, "-m", "hmtqa", "ask", "Did aspirin help?", "--store", str(store),
          "--doc", info["doc_id"], "--options", "yes,no,maybe", "--mode", "hmt", "--json", *MODEL],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
@@ -257,10 +257,9 @@ def test_ingest_then_ask_from_another_process(tmp_path):
     assert ans["answer"] in OPTIONS and len(ans["recall"]) == info["segments"]
 
 
-@pytest.mark.filterwarnings("ignore:'qa_pipeline.cli' found in sys.modules:RuntimeWarning")
 def test_python_m_cli_reports_errors_without_traceback(tmp_path, monkeypatch, capsys):
-    """`python -m qa_pipeline.cli`, in-process: the module runs a second time as __main__."""
-    monkeypatch.setattr(sys, "argv", ["qa_pipeline.cli", "docs", "list", "--store", str(tmp_path / "missing")])
+    """`python -m hmtqa`, in-process: the package's __main__ runs hmtqa.main.main."""
+    monkeypatch.setattr(sys, "argv", ["hmtqa", "docs", "list", "--store", str(tmp_path / "missing")])
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_module("qa_pipeline.cli", run_name="__main__")
+        runpy.run_module("hmtqa", run_name="__main__")
     assert exit_.value.code == 2 and "no memory store at" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qa_pipeline.cli import main
+from hmtqa.main import main
 from qa_pipeline.engine import ANSWER_MODES
 from qa_pipeline.metrics import macro_f1
 from qa_pipeline.qa_data import QARow

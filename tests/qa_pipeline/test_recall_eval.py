@@ -252,7 +252,7 @@ def test_evaluate_recall_with_the_real_dense_model(engine, tiny_rows, tmp_path):
 
 
 def test_cli_recall_on_a_tiny_data_folder(tmp_path, capsys):
-    from qa_pipeline.cli import main
+    from hmtqa.main import main
 
     # 402 PubMedQA entries: questions 401 and 402 are the held-out ones.
     data = {}

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from qa_pipeline.cli import main
+from hmtqa.main import main
 from qa_pipeline.train_data import PUBMEDQA, PUBMEDQA_TRAIN
 
 
