@@ -110,7 +110,9 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
     from .qa import _engine
 
     if str(ns.checkpoint).lower() == "none":
-        raise CLIError("train-decision writes into a checkpoint folder: give --checkpoint PATH (or 'default')")
+        raise CLIError(
+            "train-decision writes into a checkpoint folder: give --checkpoint PATH (or 'default')"
+        )
     checkpoint = DEFAULT_CHECKPOINT if ns.checkpoint == "default" else Path(ns.checkpoint)
     try:
         root = data_dir(ns.data_dir)
@@ -122,11 +124,22 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
     bars: dict[str, tqdm] = {}
 
     def progress(name: str, done: int, total: int) -> None:
-        bar = bars.get(name) or bars.setdefault(name, tqdm(total=total, desc=name, unit="q", file=sys.stderr, disable=ns.json))
+        bar = bars.get(name) or bars.setdefault(
+            name, tqdm(total=total, desc=name, unit="q", file=sys.stderr, disable=ns.json)
+        )
         bar.update(done - bar.n)
 
     try:
-        report = decision_recipe.run(engine, root, checkpoint, work, store, progress=progress)
+        report = decision_recipe.run(
+            engine,
+            root,
+            checkpoint,
+            work,
+            store,
+            progress=progress,
+            negatives=ns.negatives,
+            open_questions=ns.open_questions,
+        )
     finally:
         for bar in bars.values():
             bar.close()
@@ -134,15 +147,17 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
     emit(
         report,
         ns.json,
-        lambda: "\n".join(
-            f"{name}: n={r['n']} classes={r['classes']} chosen: {r['chosen']}\n"
-            + "\n".join(
-                f"  {c['variant']:<16} cv accuracy {c['accuracy']:.3f}  macro-F1 {c['macro_f1']:.3f}  predicted {c['predicted']}"
-                for c in r["cv"]
+        lambda: (
+            "\n".join(
+                f"{name}: n={r['n']} classes={r['classes']} chosen: {r['chosen']}\n"
+                + "\n".join(
+                    f"  {c['variant']:<16} cv accuracy {c['accuracy']:.3f}  macro-F1 {c['macro_f1']:.3f}  predicted {c['predicted']}"
+                    for c in r["cv"]
+                )
+                for name, r in report.items()
             )
-            for name, r in report.items()
-        )
-        + f"\nheads saved in {checkpoint}",
+            + f"\nheads saved in {checkpoint}"
+        ),
     )
     return 0
 
@@ -178,8 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .qa import _engine_args
 
     _engine_args(p)
-    p.add_argument("--data-dir", default=None, help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)")
+    p.add_argument(
+        "--data-dir", default=None, help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)"
+    )
     p.add_argument("--work", default="runs/decision", help="feature cache and scratch store (resumable)")
+    p.add_argument(
+        "--negatives",
+        type=int,
+        default=100,
+        help="training questions per set also asked of another document (closed thresholds)",
+    )
+    p.add_argument(
+        "--open-questions",
+        type=int,
+        default=30,
+        help="COVID-QA training questions for the open-answer threshold (0: keep the checkpoint's)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_decision)
 
@@ -193,10 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if ns.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return ns.func(ns)
     except CLIError as err:
         sys.stderr.write(f"hmtqa {ns.command}: error: {err}\n")
         return 2
-
