@@ -149,12 +149,15 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
         ns.json,
         lambda: (
             "\n".join(
-                f"{name}: n={r['n']} classes={r['classes']} chosen: {r['chosen']}\n"
+                f"{name}: {r['n_questions']} questions, classes {r['classes']}, chosen: {r['chosen']}, "
+                f"abstain threshold: {r.get('threshold', {}).get('useful') and 'fitted' or 'none (never abstain)'}\n"
                 + "\n".join(
-                    f"  {c['variant']:<16} cv accuracy {c['accuracy']:.3f}  macro-F1 {c['macro_f1']:.3f}  predicted {c['predicted']}"
+                    f"  {c['variant']:<16} cv accuracy {c['accuracy']:.3f}  macro-F1 {c['macro_f1']:.3f}  "
+                    f"predicted {c['predicted']}"
                     for c in r["cv"]
                 )
                 for name, r in report.items()
+                if "cv" in r
             )
             + f"\nheads saved in {checkpoint}"
         ),

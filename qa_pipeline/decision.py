@@ -204,7 +204,11 @@ def head_probs(head: OptionHead, logprobs: np.ndarray, hidden: np.ndarray) -> np
 
 
 def fit_threshold(
-    confidence_pos: np.ndarray, correct_pos: np.ndarray, confidence_neg: np.ndarray, *, max_abstain: float = 0.1
+    confidence_pos: np.ndarray,
+    correct_pos: np.ndarray,
+    confidence_neg: np.ndarray,
+    *,
+    max_abstain: float = 0.1,
 ) -> tuple[float, dict]:
     """The "not in the document" threshold, from questions asked of their own document (positives:
     confidence and whether the answer was right) and of a document that lacks the answer (negatives).
@@ -212,16 +216,27 @@ def fit_threshold(
     Most questions a user asks of a document are answerable, so the threshold may turn away at most
     ``max_abstain`` of the positives: it is that quantile of their confidence. What it buys is
     reported beside it: the share of negatives it catches (no better than ``max_abstain`` when
-    confidence does not tell the two apart) and the accuracy of the positives it keeps.
+    confidence does not tell the two apart) and the accuracy of the positives it keeps. When it
+    catches fewer than twice as many negatives as positives it turns away, it is 0 (never abstain).
     """
     pos, neg = np.asarray(confidence_pos, float), np.asarray(confidence_neg, float)
     correct = np.asarray(correct_pos, bool)
     t = float(np.quantile(pos, max_abstain, method="lower")) if len(pos) else 0.0
     kept = pos >= t
+    caught = float((neg < t).mean()) if len(neg) else 0.0
+    # A threshold that catches no more unanswerable questions than it turns answerable ones away
+    # (twice as many, at least) would only cost answers: then never abstain.
+    useful = caught >= 2 * float((~kept).mean()) if len(pos) else False
+    info_t = t
+    if not useful:
+        t, kept = 0.0, np.ones_like(pos, dtype=bool)
     return t, {
+        "useful": useful,
+        "candidate_threshold": info_t,
         "max_abstain": max_abstain,
         "positives_abstained": float((~kept).mean()) if len(pos) else 0.0,
         "negatives_abstained": float((neg < t).mean()) if len(neg) else 0.0,
+        "negatives_below_candidate": caught,
         "accuracy_all_positives": float(correct.mean()) if len(pos) else 0.0,
         "accuracy_kept_positives": float(correct[kept].mean()) if kept.any() else 0.0,
         "n_positive": int(len(pos)),

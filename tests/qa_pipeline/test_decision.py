@@ -233,3 +233,13 @@ def test_open_answers_abstain_below_the_open_threshold_in_hmt_modes_only(tmp_pat
         not off.decision_heads
         and not off.ask(store, "d", "What did aspirin do?", mode="hmt", record=False).abstained
     )
+
+
+def test_a_threshold_that_does_not_separate_is_dropped():
+    from qa_pipeline.decision import fit_threshold
+
+    rng = np.random.default_rng(1)
+    same = rng.uniform(0.3, 1.0, 400)
+    t, info = fit_threshold(same[:200], np.ones(200, bool), same[200:])
+    assert t == 0.0 and not info["useful"] and info["positives_abstained"] == 0.0
+    assert 0 < info["candidate_threshold"] < 1
