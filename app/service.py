@@ -24,7 +24,7 @@ import numpy as np
 
 from qa_pipeline.batch import load_records, run_batch
 from qa_pipeline.documents import Document, DocumentError, load_documents, load_text
-from qa_pipeline.engine import ANSWER_MODES, Answer, Engine, QAError
+from qa_pipeline.engine import ANSWER_MODES, DEFAULT_MODE, Answer, Engine, QAError
 from qa_pipeline.metrics import summarize
 from qa_pipeline.qa_data import QADataError, QARow
 from qa_pipeline.store import MemoryStore, SegmentInfo, StoreError, StoreMismatch, UnknownDocument
@@ -461,7 +461,7 @@ class QAService:
         doc_id: str,
         question: str,
         *,
-        mode: str = "hmt",
+        mode: str = DEFAULT_MODE,
         options: str | list[str] | None = None,
         on_token: Callable[[str], None] | None = None,
     ) -> Answer:
@@ -491,7 +491,7 @@ class QAService:
         doc_id: str,
         question: str,
         *,
-        mode: str = "hmt",
+        mode: str = DEFAULT_MODE,
         options: str | list[str] | None = None,
     ) -> Iterator[tuple[str, Answer | None]]:
         """Yield ``(text so far, None)`` while the answer is generated, then ``(answer, Answer)``.

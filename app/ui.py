@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from qa_pipeline.engine import ANSWER_MODES, Answer, Engine
+from qa_pipeline.engine import ANSWER_MODES, DEFAULT_MODE, Answer, Engine
 
 from . import plots, views
 from .batch_io import read_batch_upload, sample_rows
@@ -232,7 +232,7 @@ class QAApp:
         session: UserSession | None,
         doc_id: str | None,
         question: str,
-        mode: str = "hmt",
+        mode: str = DEFAULT_MODE,
         options: str | None = "",
     ) -> Iterator[tuple]:
         """API ``ask``: stream the answer; the final output is the answer and its JSON (evidence,
@@ -418,7 +418,7 @@ class QAApp:
                                 placeholder="yes, no, maybe",
                                 elem_id="options",
                             )
-                            mode = gr.Radio(list(ANSWER_MODES), value="hmt", label="Answer mode", info=MODE_HELP)
+                            mode = gr.Radio(list(ANSWER_MODES), value=DEFAULT_MODE, label="Answer mode", info=MODE_HELP)
                             ask_btn = gr.Button("Ask", variant="primary", elem_id="ask-btn")
                             answer = gr.Textbox(label="Answer", lines=2, interactive=False, show_copy_button=True, elem_id="answer")
                             timings = gr.Markdown(elem_id="timings")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qa_pipeline.engine import ANSWER_MODES, EngineConfig
+from qa_pipeline.engine import ANSWER_MODES, DEFAULT_MODE, EngineConfig
 
 from .main import CLIError, emit
 
@@ -303,7 +303,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("question")
     p.add_argument("--store", required=True)
     p.add_argument("--doc", required=True, help="document id (see `hmtqa docs list`)")
-    p.add_argument("--mode", default="hmt", choices=ANSWER_MODES)
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=ANSWER_MODES)
     p.add_argument("--options", help="comma-separated options of a closed question, e.g. yes,no,maybe")
     p.add_argument("--json", action="store_true")
     _engine_args(p)
@@ -313,7 +313,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", nargs="+", help="rows.jsonl, pubmedqa:PATH, covidqa:PATH, evidence-inference:DIR")
     p.add_argument("--out", required=True, help="results JSONL (appended; finished rows are skipped)")
     p.add_argument("--store", help="memory store folder (default: OUT without suffix + '-store')")
-    p.add_argument("--modes", default="hmt", help=f"comma-separated, from {', '.join(ANSWER_MODES)}")
+    p.add_argument("--modes", default=DEFAULT_MODE, help=f"comma-separated, from {', '.join(ANSWER_MODES)}")
     p.add_argument("--limit", type=int, help="rows per data set")
     p.add_argument("--fuse", type=int, default=8, help="abstracts per fused PubMedQA document")
     p.add_argument("--seed", type=int, default=0)

@@ -30,6 +30,9 @@ from .support import Support, open_confidence, supporting_sentence
 logger = logging.getLogger(__name__)
 
 ANSWER_MODES = ("hmt", "hmt+retrieval", "dense-rag", "none")
+# The mode the UI and the CLI answer in unless told otherwise: the best HMT mode on the dev sets
+# (`hmtqa eval qa`; README "Question answering"): hmt+retrieval has the best PubMedQA macro-F1 and COVID-QA token F1.
+DEFAULT_MODE = "hmt+retrieval"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-hmt"
 
@@ -451,7 +454,7 @@ class Engine:
         doc_id: str,
         question: str,
         *,
-        mode: str = "hmt",
+        mode: str = DEFAULT_MODE,
         options: list[str] | None = None,
         max_new_tokens: int | None = None,
         on_token: Callable[[str], None] | None = None,
@@ -586,11 +589,15 @@ class Engine:
                 if int(step[0]) == self.tokenizer.eos_token_id:
                     break
                 new.append(int(step[0]))
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                answer = answer_paragraph(text)
                 if on_token is not None:
-                    on_token(self.tokenizer.decode(new, skip_special_tokens=True))
-            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+                    on_token(answer)
+                if answer != text.strip():
+                    break  # the answer's paragraph ended: what follows is a new, made-up passage
+            text = answer_paragraph(self.tokenizer.decode(new, skip_special_tokens=True))
             # The answer's mean token log-likelihood, as the decoder chose it (its end token left out).
-            answer_logprob = float(torch.cat(logprobs[: len(new)]).mean()) if new else None
+            answer_logprob = float(torch.cat(logprobs[: len(new)]).mean()) if new and logprobs else None
             return _Response(text, None, first or 0.0, answer_logprob=answer_logprob)
 
     def _decide(self, model, prompt_ids, question_ids, state, options, start, memory_kw) -> _Response:
@@ -676,6 +683,14 @@ class Engine:
         if len(enc.input_ids) <= max_tokens:
             return min(len(text), max_tokens * 12) if len(enc.input_ids) else 0
         return enc.offset_mapping[max_tokens - 1][1] if max_tokens else 0
+
+
+def answer_paragraph(text: str) -> str:
+    """An open answer: the generated text up to its first blank line. A small model that has answered
+    goes on with "Question: ..." or "Background: ..." after a blank line, a passage it makes up."""
+    text = text.strip()
+    end = text.find("\n\n")
+    return text if end < 0 else text[:end].rstrip()
 
 
 def _char_spans(segments: list[SegmentInfo], token_starts: np.ndarray, n_chars: int) -> None:

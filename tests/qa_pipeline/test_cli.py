@@ -109,7 +109,7 @@ def test_ask_text_says_when_the_model_abstains(store, capsys, monkeypatch):
     rc, out, err = run(capsys, "ask", "Did metformin help?", *where, "--options", "yes, no,maybe", *MODEL)
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"Answer (hmt): {NOT_IN_DOCUMENT}"
+    assert lines[0] == f"Answer (hmt+retrieval): {NOT_IN_DOCUMENT}"  # the default mode
     low = "Confidence: 0.12 (low: the document does not seem to say; best guess: "
     assert lines[1].startswith(low) and lines[1].endswith(")") and lines[1][len(low) : -1] in OPTIONS
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from qa_pipeline.documents import Document, load_text
 from qa_pipeline.engine import ANSWER_MODES, Answer, Engine, EngineConfig, QAError
@@ -578,3 +579,25 @@ def test_dense_index_is_built_outside_the_engine_lock(engine, tmp_path, monkeypa
     monkeypatch.setattr(dense.DenseIndex, "add", add)
     engine.ask(store, "lockfree", "Which drug?", mode="dense-rag", options=OPTIONS, record=False)
     assert held == [False]
+
+
+def test_an_open_answer_ends_at_its_first_blank_line(engine, ingested, monkeypatch):
+    """What a small model writes after a blank line ("Question: ...", "Background: ...") is not the answer."""
+    from qa_pipeline.engine import answer_paragraph
+
+    assert answer_paragraph("  In December 2019.\n\nBackground: the virus") == "In December 2019."
+    assert answer_paragraph("One line\nand the next") == "One line\nand the next"
+    vocab = engine.tokenizer
+    script = vocab("In 2019.\n\nQuestion: when was", add_special_tokens=False).input_ids
+    calls = []
+
+    def scripted(self, *args, **kwargs):
+        for token in script:
+            calls.append(token)
+            yield torch.tensor([token])
+
+    monkeypatch.setattr(type(engine.model), "iter_generate", scripted)
+    streamed = []
+    ans = engine.ask(ingested[0], "trial", "When?", mode="hmt", on_token=streamed.append, record=False)
+    assert ans.answer == "In 2019." and streamed[-1] == "In 2019."
+    assert len(calls) < len(script)  # generation stopped at the blank line
