@@ -49,9 +49,10 @@ class OptionHead:
     info: dict = field(default_factory=dict)  # how it was fitted (data, n, cross-validated scores)
 
     def logits(self, logprobs: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        """Logits in ``self.options`` order from log-likelihoods in that order and the state h."""
+        """Logits in ``self.options`` order from log-likelihoods in that order and the state h; both
+        may carry a leading batch dimension."""
         z = (np.asarray(hidden, dtype=np.float64) - self.center) / self.scale
-        return self.lm_weight * np.asarray(logprobs, dtype=np.float64) + self.bias + self.weight @ z
+        return self.lm_weight * np.asarray(logprobs, dtype=np.float64) + self.bias + z @ self.weight.T
 
 
 class DecisionHeads:
@@ -196,8 +197,7 @@ def fit_option_head(
 
 def head_probs(head: OptionHead, logprobs: np.ndarray, hidden: np.ndarray) -> np.ndarray:
     """(N, n) probabilities of a head on a batch of features (in the head's option order)."""
-    z = (np.asarray(hidden, dtype=np.float64) - head.center) / head.scale
-    logits = head.lm_weight * np.asarray(logprobs, dtype=np.float64) + head.bias + z @ head.weight.T
+    logits = head.logits(logprobs, hidden)
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(axis=1, keepdims=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .decision import DecisionHeads, OptionHead, fit_option_head, fit_threshold, head_probs, option_key
+from .decision import DecisionHeads, fit_option_head, fit_threshold, head_probs
 from .documents import Document
 from .engine import Engine
 from .metrics import macro_f1, token_f1
@@ -250,17 +250,6 @@ def load_features(folder: Path, name: str, modes: tuple[str, ...] = FEATURE_MODE
     if not all(p.is_file() for p in paths):
         return None
     return {m: dict(np.load(p)) for m, p in zip(modes, paths, strict=True)}
-
-
-__all__ = [
-    "OptionHead",
-    "cross_validate",
-    "ei_training_rows",
-    "extract",
-    "fit_heads",
-    "option_key",
-    "pubmedqa_training_rows",
-]
 
 
 def covid_training_rows(root: Path, limit: int) -> list[QARow]:
