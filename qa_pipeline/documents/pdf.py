@@ -214,6 +214,14 @@ def _load_pdf(path: Path, max_bytes: int) -> list[Document]:
 
     pages = [(f"Page {number}", _normalise_newlines(t).strip()) for number, t in enumerate(page_texts, 1)]
     pages = [(title, t) for title, t in pages if t]
+    if not pages and page_errors:
+        # Not a scan: the reader failed on the pages (e.g. pypdf's LimitReachedError on a stream that
+        # decompresses to more than its limit, a decompression bomb).
+        number, message = page_errors[0]
+        raise DocumentError(
+            f"{path}: no text could be read from this PDF ({len(page_errors)} of {num_pages} page(s) failed; "
+            f"page {number}: {message})"
+        )
     if not pages:
         raise DocumentError(
             f"{path}: PDF has no text layer (scanned PDF?); run OCR on it first or paste the text"

@@ -819,3 +819,14 @@ def test_pdf_reader_memory_limit_becomes_document_error(small_pdf, monkeypatch):
 def test_pasted_text_drops_a_leading_bom():
     doc = load_text("\ufeffTitle: A book\r\nText.")
     assert doc.text == "Title: A book\nText." and doc.doc_id == load_text("Title: A book\nText.").doc_id
+
+
+def test_pdf_decompression_bomb_is_refused_with_the_readers_reason(tmp_path):
+    # One content stream of real text operators that inflates to 100 MB: pypdf (>= 6) stops at its
+    # limit; the refusal says why instead of calling it a scan.
+    from bench.hostile import bomb_pdf
+
+    path = bomb_pdf(tmp_path / "bomb.pdf", inflated_mb=100)
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(DocumentError, match=r"bomb\.pdf: no text could be read .*LimitReachedError"):
+        load_documents(path)
