@@ -184,7 +184,7 @@ def snippet(text: str, limit: int) -> str:
     return flat[:limit].rsplit(" ", 1)[0] + " …"
 
 
-METRIC_COLUMNS = ["n", "accuracy", "macro_f1", "exact_match", "token_f1", "hit@1", "hit@5", "latency_p50_s"]
+METRIC_COLUMNS = ["n", "accuracy", "macro_f1", "exact_match", "token_f1", "hit@1", "hit@5", "chance_hit@5", "latency_p50_s"]
 METRIC_HEADERS = ["mode", *METRIC_COLUMNS]
 
 

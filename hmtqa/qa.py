@@ -257,7 +257,7 @@ def _open_shared_store(engine, store_dir: str, rank: int, world: int):
 
 def format_metrics(metrics: dict) -> str:
     """A side-by-side table of the per-mode metrics."""
-    cols = ["n", "accuracy", "macro_f1", "exact_match", "token_f1", "hit@1", "hit@5", "latency_p50_s"]
+    cols = ["n", "accuracy", "macro_f1", "exact_match", "token_f1", "hit@1", "hit@5", "chance_hit@5", "latency_p50_s"]
     lines = ["mode            " + "".join(f"{c:>14}" for c in cols)]
     for mode, m in metrics.items():
         cells = []

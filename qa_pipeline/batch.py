@@ -18,10 +18,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .documents import Document
-from .engine import Engine
-from .metrics import summarize
+from .engine import Answer, Engine
+from .metrics import spans_overlap, summarize
 from .qa_data import QARow
-from .store import DocumentExists, MemoryStore, StoreError, UnknownDocument
+from .store import DocumentExists, MemoryStore, SegmentInfo, StoreError, UnknownDocument
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,25 @@ def load_records(path: str | Path) -> list[dict]:
     return records
 
 
+def segment_ranking(answer: Answer, segments: list[SegmentInfo]) -> list[int] | None:
+    """The answer's evidence as the document's HMT segment ids, best first: one granularity for
+    every mode, so hit@k means the same thing in each and has one chance level.
+
+    hmt modes: the whole recall, by weight. dense-rag: the segments its ranked chunks fall in, each at
+    the rank of its best chunk. none: None, the mode reads one window and ranks nothing.
+    """
+    if answer.recall:
+        return [int(idx) for idx, _ in sorted(answer.recall, key=lambda r: -r[1])]
+    if answer.mode != "dense-rag":
+        return None
+    ranked: list[int] = []
+    for ev in answer.evidence:
+        for seg in segments:
+            if seg.idx not in ranked and spans_overlap((seg.char_start, seg.char_end), (ev.char_start, ev.char_end)):
+                ranked.append(seg.idx)
+    return ranked
+
+
 def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> dict:
     record = {
         "row_id": row.row_id,
@@ -243,6 +262,12 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
         record["prediction"] = ans.answer
         record["option_scores"] = ans.option_scores
         record["evidence_ranked"] = [[e.char_start, e.char_end] for e in ans.evidence]
+        segments = store.segments(doc_id)
+        record["segments_ranked"] = segment_ranking(ans, segments)
+        record["gold_segments"] = [
+            s.idx for s in segments if any(spans_overlap((s.char_start, s.char_end), g) for g in row.evidence)
+        ]
+        record["n_segments"] = len(segments)
         record["confidence"] = ans.confidence
         record["abstained"] = ans.abstained
         record["support"] = None if ans.support is None else [ans.support.char_start, ans.support.char_end]

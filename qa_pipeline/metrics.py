@@ -12,6 +12,7 @@ import re
 import string
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -167,35 +168,29 @@ def spans_overlap(a: Span, b: Span) -> bool:
     return max(a[0], b[0]) < min(a[1], b[1])
 
 
-def evidence_hit_at_k(
-    retrieved_spans_ranked: Sequence[Sequence[int]], gold_spans: Sequence[Sequence[int]], k: int
-) -> bool:
-    """Whether any of the top-``k`` retrieved spans overlaps any gold evidence span.
+def _check_ng(n: int, g: int) -> None:
+    if n < 1 or not 1 <= g <= n:
+        raise ValueError(f"need 1 <= gold ({g}) <= segments ({n})")
 
-    Spans are ``(start, end)`` character offsets with ``end`` exclusive; touching spans
-    (``a.end == b.start``) do not overlap.
 
-    Args:
-        retrieved_spans_ranked: Retrieved spans, best first.
-        gold_spans: Gold evidence spans.
-        k: How many retrieved spans to look at.
+def chance_hit_at_k(n: int, g: int, k: int) -> float:
+    """P(some gold segment in the top ``k``) for a uniformly random ranking of ``n`` segments, ``g`` gold.
 
-    Returns:
-        True on a hit.
-
-    Raises:
-        ValueError: If ``k`` < 1.
+    ``1 - C(n - g, k) / C(n, k)`` (with ``k`` capped at ``n``).
     """
+    _check_ng(n, g)
     if k < 1:
         raise ValueError("k must be >= 1")
-    gold = [(int(s), int(e)) for s, e in gold_spans]
-    return any(spans_overlap((int(r[0]), int(r[1])), g) for r in list(retrieved_spans_ranked)[:k] for g in gold)
+    k = min(k, n)
+    return float(1 - Fraction(math.comb(n - g, k), math.comb(n, k)))
 
 
-def _spans(value: Any) -> list[Span]:
-    if not value:
-        return []
-    return [(int(s), int(e)) for s, e in value]
+def segment_hit_at_k(ranked: Sequence[int], gold: Iterable[int], k: int) -> bool:
+    """Whether one of the top-``k`` segment ids of ``ranked`` is a gold segment."""
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    gold = set(gold)
+    return any(int(i) in gold for i in list(ranked)[:k])
 
 
 def _mean(values: list[float]) -> float | None:
@@ -212,19 +207,21 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     * ``answer``: the gold answer (a string, or a list of acceptable answers); ``answers`` may
       hold more acceptable answers for open questions;
     * ``options``: the options of a closed question (a record with options is closed, otherwise open);
-    * ``evidence_ranked``: retrieved ``[start, end]`` spans, best first;
-    * ``evidence`` (or ``gold_evidence``): gold evidence spans;
+    * ``segments_ranked``: the retrieved evidence as the document's HMT segment ids, best first
+      (None where the mode does not rank, e.g. ``none``); ``gold_segments``: the segments that overlap
+      gold evidence; ``n_segments``: the document's segment count (for the chance level);
     * ``latency_s``: seconds spent on the question.
 
     Records without a gold answer count only towards latency and hit@k; records without gold
-    evidence do not count towards hit@k. A metric with no records to compute it on is None.
+    evidence or without a ranking do not count towards hit@k. ``chance_hit@k`` is the mean over the
+    same records of a uniformly random ranking's hit@k. A metric with no records to compute it on is None.
 
     Args:
         records: The result records.
 
     Returns:
         ``{mode: {"n", "n_closed", "accuracy", "macro_f1", "n_open", "exact_match", "token_f1",
-        "n_evidence", "hit@1", "hit@5", "n_latency", "latency_mean_s", "latency_p50_s",
+        "n_evidence", "hit@1", "hit@5", "chance_hit@1", "chance_hit@5", "n_latency", "latency_mean_s", "latency_p50_s",
         "latency_p95_s"}}``, modes in order of first appearance.
     """
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
@@ -240,6 +237,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
         f1: list[float] = []
         hit1: list[bool] = []
         hit5: list[bool] = []
+        chance1: list[float] = []
+        chance5: list[float] = []
         lat: list[float] = []
         for rec in recs:
             gold = rec.get("answer")
@@ -253,11 +252,14 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
                     golds = _as_list(gold) + [a for a in rec.get("answers") or [] if isinstance(a, str)]
                     em.append(exact_match(rec.get("prediction"), golds))
                     f1.append(token_f1(rec.get("prediction"), golds))
-            gold_ev = _spans(rec.get("evidence", rec.get("gold_evidence")))
-            if gold_ev:
-                ranked = _spans(rec.get("evidence_ranked"))
-                hit1.append(evidence_hit_at_k(ranked, gold_ev, 1))
-                hit5.append(evidence_hit_at_k(ranked, gold_ev, 5))
+            # Evidence is scored at one granularity, the document's HMT segments, whatever spans the
+            # mode retrieved (segments, 800-character chunks, one window): see batch.segment_ranking.
+            ranked, gold_seg, n_seg = rec.get("segments_ranked"), rec.get("gold_segments"), rec.get("n_segments")
+            if ranked is not None and gold_seg and n_seg:
+                hit1.append(segment_hit_at_k(ranked, gold_seg, 1))
+                hit5.append(segment_hit_at_k(ranked, gold_seg, 5))
+                chance1.append(chance_hit_at_k(int(n_seg), len(gold_seg), 1))
+                chance5.append(chance_hit_at_k(int(n_seg), len(gold_seg), 5))
             latency = rec.get("latency_s")
             if isinstance(latency, (int, float)) and not isinstance(latency, bool) and math.isfinite(latency):
                 lat.append(float(latency))
@@ -272,6 +274,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
             "n_evidence": len(hit1),
             "hit@1": _mean([float(h) for h in hit1]),
             "hit@5": _mean([float(h) for h in hit5]),
+            "chance_hit@1": _mean(chance1),
+            "chance_hit@5": _mean(chance5),
             "n_latency": len(lat),
             "latency_mean_s": _mean(lat),
             "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,

@@ -511,7 +511,7 @@ def run_qa_eval(
             extra = batch_metrics(path, rows, modes) if path.is_file() else {}
             for mode, m in res["modes"].items():
                 b = extra.get(mode, {})
-                m.update({k: b.get(k) for k in ("hit@1", "hit@5", "latency_p50_s")})
+                m.update({k: b.get(k) for k in ("hit@1", "hit@5", "chance_hit@1", "chance_hit@5", "latency_p50_s")})
             res["out"] = str(path)
             result["sets"][name] = res
     finally:

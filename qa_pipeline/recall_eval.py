@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .documents import Document
-from .metrics import spans_overlap
+from .metrics import _check_ng, chance_hit_at_k, spans_overlap
 from .qa_data import QARow
 from .store import MemoryStore, SegmentInfo, StoreError
 
@@ -89,23 +89,6 @@ def eval_articles(doc_ids: Iterable[str]) -> set[str]:
 # --------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_ng(n: int, g: int) -> None:
-    if n < 1 or not 1 <= g <= n:
-        raise ValueError(f"need 1 <= gold ({g}) <= segments ({n})")
-
-
-def chance_hit_at_k(n: int, g: int, k: int) -> float:
-    """P(some gold segment in the top ``k``) for a uniformly random ranking of ``n`` segments, ``g`` gold.
-
-    ``1 - C(n - g, k) / C(n, k)`` (with ``k`` capped at ``n``).
-    """
-    _check_ng(n, g)
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    k = min(k, n)
-    return float(1 - Fraction(math.comb(n - g, k), math.comb(n, k)))
 
 
 def chance_mrr(n: int, g: int) -> float:

@@ -15,6 +15,7 @@ from hmtqa.main import main
 from qa_pipeline.batch import run_batch, shard_rows
 from qa_pipeline.engine import Engine, EngineConfig
 from qa_pipeline.qa_data import QARow, read_rows
+from qa_pipeline.store import MemoryStore
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = ["--backbone", "tiny-random", "--checkpoint", "none", "--max-new-tokens", "3"]
@@ -67,6 +68,9 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
 
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert keys(out) == Counter({(r, m): 1 for r in ("a1", "v1", "a2", "s1", "v2") for m in MODES})
+    rows_json = {r["row_id"]: r for r in map(json.loads, data.read_text().splitlines())}
+    with MemoryStore.open(tmp_path / "results-store", create=False) as st:
+        seg_spans = {d: [(s.char_start, s.char_end) for s in st.segments(d)] for d in {r["doc_id"] for r in records}}
     for rec in records:
         assert "error" not in rec and rec["doc_id"] and rec["latency_s"] >= 0
         if rec["options"]:
@@ -76,6 +80,18 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
         # The supporting sentence lies inside one of the answer's evidence passages.
         s0, e0 = rec["support"]
         assert s0 < e0 and any(s <= s0 and e0 <= e for s, e in rec["evidence_ranked"][:3])
+        # Evidence at one granularity, the HMT segments, in every mode: the segments the mode's own
+        # ranked spans fall in, first-ranked first, and the segments the gold span overlaps.
+        ranked, n_seg = rec["segments_ranked"], rec["n_segments"]
+        assert ranked and len(set(ranked)) == len(ranked) and all(0 <= i < n_seg for i in ranked)
+        if rec["mode"] == "hmt":
+            assert sorted(ranked) == list(range(n_seg))  # the whole recall
+        first_start, first_end = rec["evidence_ranked"][0]
+        assert ranked[0] == next(i for i, (a, b) in enumerate(seg_spans[rec["doc_id"]]) if a <= first_start < b)
+        gold = rows_json[rec["row_id"]].get("evidence") or []
+        assert rec["gold_segments"] == [
+            i for i, (a, b) in enumerate(seg_spans[rec["doc_id"]]) if any(max(a, s) < min(b, e) for s, e in gold)
+        ]
     assert sum("ingest" in r for r in records) == 3  # three documents, each read once
     assert (tmp_path / "results-store").is_dir()
 

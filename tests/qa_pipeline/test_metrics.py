@@ -8,10 +8,10 @@ import pytest
 
 from qa_pipeline.metrics import (
     accuracy,
-    evidence_hit_at_k,
     exact_match,
     macro_f1,
     normalize_answer,
+    segment_hit_at_k,
     summarize,
     token_f1,
 )
@@ -60,17 +60,14 @@ def test_exact_match_and_token_f1() -> None:
     assert token_f1("x", []) == 0.0
 
 
-def test_evidence_hit_at_k() -> None:
-    ranked = [(0, 10), (50, 60), (100, 120)]
-    gold = [(55, 58)]
-    assert not evidence_hit_at_k(ranked, gold, 1)
-    assert evidence_hit_at_k(ranked, gold, 2)
-    assert not evidence_hit_at_k(ranked, [(10, 50)], 5)  # touching spans do not overlap
-    assert evidence_hit_at_k([[0, 11]], [[10, 50]], 1)
-    assert not evidence_hit_at_k([], gold, 5)
-    assert not evidence_hit_at_k(ranked, [], 5)
+def test_segment_hit_at_k() -> None:
+    assert not segment_hit_at_k([3, 7, 1], [7], 1)
+    assert segment_hit_at_k([3, 7, 1], [7], 2)
+    assert segment_hit_at_k([3, 7, 1], {9, 1}, 5)
+    assert not segment_hit_at_k([], [7], 5)
+    assert not segment_hit_at_k([3, 7], [], 5)
     with pytest.raises(ValueError):
-        evidence_hit_at_k(ranked, gold, 0)
+        segment_hit_at_k([3], [3], 0)
 
 
 def test_summarize() -> None:
@@ -78,14 +75,15 @@ def test_summarize() -> None:
     records = [
         # mode hmt: 3 closed, 1 open
         {"mode": "hmt", "prediction": "yes", "answer": "yes", "options": opts,
-         "evidence_ranked": [[0, 5], [10, 20]], "evidence": [[12, 14]], "latency_s": 1.0},
+         "segments_ranked": [0, 1], "gold_segments": [1], "n_segments": 4, "latency_s": 1.0},
         {"mode": "hmt", "prediction": "no", "answer": "yes", "options": opts,
-         "evidence_ranked": [[12, 13]], "evidence": [[12, 14]], "latency_s": 2.0},
+         "segments_ranked": [1], "gold_segments": [1], "n_segments": 4, "latency_s": 2.0},
         {"mode": "hmt", "prediction": "no", "answer": "no", "options": opts, "latency_s": 3.0},
         {"mode": "hmt", "prediction": "the 5 days", "answer": "5 days", "options": None,
-         "evidence_ranked": [], "evidence": [[0, 6]], "latency_s": 4.0},
+         "segments_ranked": [], "gold_segments": [0, 2], "n_segments": 10, "latency_s": 4.0},
         # mode rag: one open with extra acceptable answers, one errored
-        {"mode": "rag", "prediction": "five days", "answer": "5 days", "answers": ["five days"], "latency_s": 0.5},
+        {"mode": "rag", "prediction": "five days", "answer": "5 days", "answers": ["five days"], "latency_s": 0.5,
+         "segments_ranked": None, "gold_segments": [0], "n_segments": 3},  # no ranking (mode none): no hit@k
         {"mode": "rag", "prediction": None, "answer": "x y", "error": "boom"},
     ]  # fmt: skip
     out = summarize(records)
@@ -99,6 +97,9 @@ def test_summarize() -> None:
     assert hmt["n_evidence"] == 3
     assert hmt["hit@1"] == pytest.approx(1 / 3)  # only the second record hits at rank 1
     assert hmt["hit@5"] == pytest.approx(2 / 3)
+    # chance: 1 gold of 4 -> 1/4 at rank 1 and 1 in the top 5 (twice); 2 gold of 10 -> 1/5 and 1 - C(8,5)/C(10,5)
+    assert hmt["chance_hit@1"] == pytest.approx((1 / 4 + 1 / 4 + 1 / 5) / 3)
+    assert hmt["chance_hit@5"] == pytest.approx((1 + 1 + (1 - 56 / 252)) / 3)
     assert hmt["latency_mean_s"] == 2.5 and hmt["latency_p50_s"] == 2.5
     assert hmt["latency_p95_s"] == pytest.approx(3.85)  # linear: 3 + 0.85 * (4 - 3)
     rag = out["rag"]
