@@ -63,10 +63,11 @@ from bench.common import (
 )
 from hmt import DEFAULT_BACKBONE
 from qa_pipeline.batch import batch_metrics, pending, run_batch
+from qa_pipeline.datasets import load_batch_data
 from qa_pipeline.documents import Document
 from qa_pipeline.engine import ANSWER_MODES, DEFAULT_CHECKPOINT, Engine, EngineConfig
 from qa_pipeline.evaluate import PPL_MODES, ppl_by_context
-from qa_pipeline.qa_data import QARow, load_batch_data
+from qa_pipeline.qa_data import QARow
 from qa_pipeline.store import StoreError
 from qa_pipeline.train_data import data_dir, pubmedqa_split, text_splits
 

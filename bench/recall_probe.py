@@ -26,8 +26,8 @@ from bench.common import apply_threads, base_parser, machine_info, write_results
 from hmt import HMTModel, load_backbone
 from hmt.memory import MemoryRecall
 from hmt.recall_head import RecallExamples, center_head, fit_recall_head, rank_metrics
+from qa_pipeline.datasets import covid_qa, evidence_inference
 from qa_pipeline.prompts import question_prompt
-from qa_pipeline.qa_data import covid_qa, evidence_inference
 from qa_pipeline.recall_data import RecallDoc, rows_by_document
 from qa_pipeline.recall_eval import chance_metrics, is_eval_article
 from qa_pipeline.recall_recipe import content_model

@@ -165,7 +165,8 @@ def cmd_ask(ns: argparse.Namespace) -> int:
 
 def _load_rows(spec: str, ns: argparse.Namespace, errors: list[str]) -> list:
     """Rows of one data spec; malformed JSONL lines are reported in ``errors`` and skipped."""
-    from qa_pipeline.qa_data import _PREFIXES, _detect_kind, load_batch_data, read_rows
+    from qa_pipeline.datasets import _PREFIXES, _detect_kind, load_batch_data
+    from qa_pipeline.qa_data import read_rows
 
     head, sep, rest = spec.partition(":")
     prefixed = bool(sep) and head.strip().lower() in _PREFIXES

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .datasets import covid_qa, evidence_inference, pubmedqa_fused
 from .decision import DecisionHeads, fit_option_head, fit_threshold, head_probs
 from .documents import Document
 from .engine import Engine
 from .metrics import macro_f1, token_f1
-from .qa_data import QARow, covid_qa, evidence_inference, pubmedqa_fused
+from .qa_data import QARow
 from .recall_eval import is_train_article
 from .store import MemoryStore
 from .train_data import PUBMEDQA, PUBMEDQA_TRAIN

@@ -88,7 +88,7 @@ def load_eval_set(
     Raises:
         ValueError: unknown set. FileNotFoundError / QADataError: data missing or malformed.
     """
-    from .qa_data import covid_qa, evidence_inference
+    from .datasets import covid_qa, evidence_inference
     from .recall_eval import is_eval_article, select_rows
     from .train_data import pubmedqa_split
 

@@ -27,8 +27,9 @@ import torch
 from hmt import HMTModel
 from hmt.recall_head import RecallExamples
 
+from .datasets import covid_qa, evidence_inference
 from .documents import load_documents
-from .qa_data import QARow, covid_qa, evidence_inference
+from .qa_data import QARow
 from .recall_eval import is_train_article
 from .train_data import PUBMEDQA, PUBMEDQA_TRAIN, segments_overlapping
 

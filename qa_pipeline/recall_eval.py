@@ -226,7 +226,7 @@ def load_set(
     Raises:
         ValueError: unknown set name. FileNotFoundError / QADataError: data missing or malformed.
     """
-    from .qa_data import covid_qa, evidence_inference
+    from .datasets import covid_qa, evidence_inference
     from .train_data import pubmedqa_split
 
     root = Path(root)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from .datasets import pubmedqa_fused
 from .metrics import spans_overlap
 from .prompts import answer_text, question_prompt
-from .qa_data import QARow, pubmedqa_fused
+from .qa_data import QARow
 
 logger = logging.getLogger(__name__)
 

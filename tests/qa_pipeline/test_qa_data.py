@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from qa_pipeline.qa_data import (
+from qa_pipeline.datasets import (
     EVIDENCE_INFERENCE_OPTIONS,
-    QADataError,
-    QARow,
     covid_qa,
     evidence_inference,
     load_batch_data,
     pubmedqa_fused,
+)
+from qa_pipeline.qa_data import (
+    QADataError,
+    QARow,
     read_rows,
     write_rows,
 )
