@@ -4,6 +4,9 @@ Every method takes the caller's :class:`UserSession`; documents a session upload
 private store (a folder under the session root) and are never listed for anyone else. The shared
 store is read by everyone and written only when a user asks to save a document there, and only
 on a server started with ``--allow-shared-writes`` (then within a quota).
+
+Over 500 lines: one class, :class:`QAService`, every action of the app without Gradio, with the
+session, upload, limit and quota checks each action needs; the page is in ``ui.py``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Three tabs: Ask (ingest a document, ask, see the evidence), Batch (many questions, metrics) and
 Memory (what the model recalled, its memory embeddings, a FAISS search box, the segments).
 The ``ingest`` and ``ask`` events are stable API endpoints for ``gradio_client``.
+
+Over 500 lines: the page's layout and one handler per event; what the handlers do is in
+``service.py``, how results are shown in ``views.py``.
 """
 
 from __future__ import annotations

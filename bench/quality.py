@@ -37,6 +37,8 @@ match; ``--fresh`` starts over. ``--quick`` always starts fresh.
 Everything goes to ``bench/results/quality.json``, and the tables are printed as Markdown for the README.
 
     python -m bench.quality [--quick] [--parts ppl,qa,recall] [--rows 10] [--fresh] [--threads 1]
+
+Over 500 lines: one benchmark (every answer mode on the dev sets, with its tables), used nowhere else.
 """
 
 from __future__ import annotations

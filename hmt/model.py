@@ -8,6 +8,11 @@ Per segment n with token ids x_n (paper section 3, eqs. 1-5):
 With ``HMTConfig.recall="content"`` (the default) steps 1-2 read pooled states instead: S_n is the
 mean of the summary pass's states over x_n[:j], and each memory's key is made from the mean of H over
 the x_n positions; the value recalled is still M_n (see ``MemoryRecall``).
+
+Over 500 lines on purpose: the segment step (paper eqs. 1-5: sensory memory, representation
+extraction, memory recall, memory encoding) is shared by reading, training, generation and option
+scoring, and keeping them in one file beside the paper's equation numbers lets a reader check the
+model against the paper in one place (DESIGN.md).
 """
 
 from __future__ import annotations

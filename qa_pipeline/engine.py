@@ -1,6 +1,10 @@
 """The QA engine: one loaded HMT model that ingests documents into a store and answers questions.
 
 Everything user-facing (CLI, batch, web app) goes through :class:`Engine`.
+
+Over 500 lines: the Engine is the pipeline's one entry point (ingest, recall, ask in four modes).
+The modes share the prompt, memory and answering code, which must stay the same across them for the
+side-by-side comparisons to mean anything; evidence, support and decisions live in their own modules.
 """
 
 from __future__ import annotations

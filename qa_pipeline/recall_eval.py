@@ -16,6 +16,9 @@ neither document order nor method order favours a method.
 COVID-QA and Evidence Inference articles are split in two halves by a stable hash of their document
 id: :func:`is_eval_article` (evaluated here) and :func:`is_train_article` (for training), never both.
 Fused PubMedQA uses the held-out questions 401-500 of :func:`qa_pipeline.train_data.pubmedqa_split`.
+
+Over 500 lines: one command's parts (gold segments, exact chance formulas, three rankings of the
+same segments: memory recall, dense, BM25, and the tables), each short and used nowhere else.
 """
 
 from __future__ import annotations

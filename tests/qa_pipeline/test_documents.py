@@ -1,4 +1,7 @@
-"""Tests for qa_pipeline.documents (document loaders)."""
+"""Tests for qa_pipeline.documents (document loaders).
+
+Over 500 lines: the tests of every document loader (text, Markdown, PDF, JATS, PubMedQA, JSONL).
+"""
 
 from __future__ import annotations
 

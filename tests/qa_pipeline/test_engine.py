@@ -1,4 +1,7 @@
-"""Engine: ingest documents into a store, answer in every mode, refuse bad input (tiny-random model)."""
+"""Engine: ingest documents into a store, answer in every mode, refuse bad input (tiny-random model).
+
+Over 500 lines: the tests of the Engine's public API, mode by mode.
+"""
 
 from __future__ import annotations
 
