@@ -341,7 +341,7 @@ class QAService:
         for doc in docs:
             if len(doc.text.encode("utf-8")) <= limit:
                 continue
-            n_tokens = count_tokens(engine.tokenizer, doc.text, stop_after=limit)
+            n_tokens = engine.count_tokens(doc.text, stop_after=limit)
             if n_tokens > limit:
                 raise AppError(
                     f"{doc.title or doc.doc_id} is more than {limit:,} tokens long, the longest document this "
@@ -602,27 +602,6 @@ class QAService:
             raise AppError(f"The batch failed: {err}") from None
         records = load_records(out)
         return records, summarize(records), out
-
-
-def count_tokens(tokenizer, text: str, *, stop_after: int | None = None, chunk_chars: int = 200_000) -> int:
-    """How many tokens ``text`` is, tokenized in pieces cut at whitespace (as the engine does); with
-    ``stop_after``, the count so far as soon as it passes that."""
-    n, pos = 0, 0
-    while pos < len(text):
-        end = min(len(text), pos + chunk_chars)
-        if end < len(text):
-            half = pos + chunk_chars // 2
-            cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end))
-            end = cut if cut > pos else end
-        try:  # special-token strings in a document are text to the engine, so count them as text
-            ids = tokenizer(text[pos:end], add_special_tokens=False, split_special_tokens=True).input_ids
-        except TypeError:  # a tokenizer without split_special_tokens
-            ids = tokenizer(text[pos:end], add_special_tokens=False).input_ids
-        n += len(ids)
-        if stop_after is not None and n > stop_after:
-            break
-        pos = end
-    return n
 
 
 def _last_modified(folder: Path) -> float:

@@ -166,6 +166,7 @@ class Engine:
         self._dense_indexes: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._doc_arrays: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
 
     # ------------------------------------------------------------------ model
     def _load_model(self) -> tuple[HMTModel, object, str]:
@@ -329,39 +330,61 @@ class Engine:
             "tokens_per_s": n_tokens / max(read_s, 1e-9),
         }
 
-    def _tokenize_document(self, text: str, chunk_chars: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and each token's start character, as compact arrays.
+    # ------------------------------------------------------------------ tokenizing
+    # A fast tokenizer is not safe to share between threads: a call that changes a setting (here
+    # ``split_special_tokens``, on for documents and off for prompts) takes a mutable borrow in Rust,
+    # so a concurrent call fails with "Already borrowed" or, worse, runs with the other call's
+    # setting. Every use of the tokenizer goes through the two methods below, under one lock.
+    def _tokenize(self, text: str, *, document: bool = False, offsets: bool = False):
+        """``tokenizer(text)`` without special tokens; ``document``: strings such as ``<|im_end|>``
+        are text, not control tokens (parsing them would let a document end the chat turn)."""
+        kwargs = {"add_special_tokens": False, "return_offsets_mapping": offsets}
+        with self._tokenizer_lock:
+            if document:
+                try:
+                    return self.tokenizer(text, split_special_tokens=True, **kwargs)
+                except TypeError:  # a tokenizer without split_special_tokens
+                    pass
+            return self.tokenizer(text, **kwargs)
 
-        Long texts are tokenized in pieces cut just before whitespace (where BPE splits anyway), so a
-        million-token document never holds a million Python offset tuples at once.
-        Strings such as ``<|im_end|>`` inside a document are text, not control tokens: parsing them
-        as special tokens would let a document end the chat turn or fake a prompt.
-        """
-        ids, starts = [], []
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _pieces(text: str, chunk_chars: int):
+        """``(start, end)`` pieces of ``text`` of at most ``chunk_chars``, cut just before whitespace
+        (where BPE splits anyway), so a million-token document is never tokenized in one call."""
         pos = 0
         while pos < len(text):
             end = min(len(text), pos + chunk_chars)
             if end < len(text):
-                cut = max(
-                    text.rfind(" ", pos + chunk_chars // 2, end),
-                    text.rfind("\n", pos + chunk_chars // 2, end),
-                )
+                half = pos + chunk_chars // 2
+                cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end))
                 end = cut if cut > pos else end
-            try:
-                enc = self.tokenizer(
-                    text[pos:end],
-                    add_special_tokens=False,
-                    return_offsets_mapping=True,
-                    split_special_tokens=True,
-                )
-            except TypeError:  # a tokenizer without split_special_tokens
-                enc = self.tokenizer(text[pos:end], add_special_tokens=False, return_offsets_mapping=True)
+            yield pos, end
+            pos = end
+
+    def _tokenize_document(self, text: str, chunk_chars: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and each token's start character, as compact arrays (no million Python tuples)."""
+        ids, starts = [], []
+        for pos, end in self._pieces(text, chunk_chars):
+            enc = self._tokenize(text[pos:end], document=True, offsets=True)
             ids.append(np.asarray(enc.input_ids, dtype=np.int64))
             starts.append(np.asarray([o[0] for o in enc.offset_mapping], dtype=np.int64) + pos)
-            pos = end
         if not ids:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return np.concatenate(ids), np.concatenate(starts)
+
+    def count_tokens(self, text: str, *, stop_after: int | None = None, chunk_chars: int = 200_000) -> int:
+        """How many tokens ``text`` is as a document (as :meth:`ingest` tokenizes it); with
+        ``stop_after``, the count so far as soon as it passes that."""
+        n = 0
+        for pos, end in self._pieces(text, chunk_chars):
+            n += len(self._tokenize(text[pos:end], document=True).input_ids)
+            if stop_after is not None and n > stop_after:
+                break
+        return n
 
     # ------------------------------------------------------------------ answering
     def _arrays(self, store: MemoryStore, doc_id: str, version: tuple = ()) -> dict:
@@ -381,7 +404,7 @@ class Engine:
         return self._encode(question.strip())[:, : self.model.config.summary_length]
 
     def _encode(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = self._tokenize(text).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
     def _query(self, recall_ids: torch.Tensor) -> np.ndarray:
@@ -593,13 +616,13 @@ class Engine:
                 if int(step[0]) == self.tokenizer.eos_token_id:
                     break
                 new.append(int(step[0]))
-                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                text = self.decode(new)
                 answer = answer_paragraph(text)
                 if on_token is not None:
                     on_token(answer)
                 if answer != text.strip():
                     break  # the answer's paragraph ended: what follows is a new, made-up passage
-            text = answer_paragraph(self.tokenizer.decode(new, skip_special_tokens=True))
+            text = answer_paragraph(self.decode(new))
             # The answer's mean token log-likelihood, as the decoder chose it (its end token left out).
             answer_logprob = float(torch.cat(logprobs[: len(new)]).mean()) if new and logprobs else None
             return _Response(text, None, first or 0.0, answer_logprob=answer_logprob)
@@ -683,7 +706,7 @@ class Engine:
 
     def _prefix_chars(self, text: str, max_tokens: int) -> int:
         """Characters of ``text`` that fit in ``max_tokens`` tokens."""
-        enc = self.tokenizer(text[: max_tokens * 12], add_special_tokens=False, return_offsets_mapping=True)
+        enc = self._tokenize(text[: max_tokens * 12], offsets=True)
         if len(enc.input_ids) <= max_tokens:
             return min(len(text), max_tokens * 12) if len(enc.input_ids) else 0
         return enc.offset_mapping[max_tokens - 1][1] if max_tokens else 0
