@@ -27,7 +27,7 @@ from hmt import DEFAULT_BACKBONE, HMTConfig, HMTModel, load_backbone, resolve_dt
 
 from .decision import DecisionHeads
 from .documents import Document
-from .prompts import option_text, question_prompt
+from .prompts import option_text, prompt_frame, question_text
 from .store import DocumentExists, DocumentInfo, MemoryStore, SegmentInfo, StoreMismatch
 from .support import Support, open_confidence, supporting_sentence
 
@@ -167,6 +167,7 @@ class Engine:
         self._doc_arrays: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
+        self._frame: tuple[str, str] | None = None  # the prompt around the user's turn
 
     # ------------------------------------------------------------------ model
     def _load_model(self) -> tuple[HMTModel, object, str]:
@@ -407,6 +408,19 @@ class Engine:
         ids = self._tokenize(text).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
+    def _encode_prompt(self, question: str, options: list[str] | None = None, context: str | None = None):
+        """The answering prompt's ids: the frame's control tokens parsed, the user's turn (question,
+        options, document passages) as text, so a document holding ``<|im_end|>`` cannot end the turn."""
+        if self._frame is None:
+            self._frame = prompt_frame(self.tokenizer)
+        before, after = self._frame
+        ids = (
+            self._tokenize(before).input_ids
+            + self._tokenize(question_text(question, options, context), document=True).input_ids
+            + self._tokenize(after).input_ids
+        )
+        return torch.tensor([ids], dtype=torch.long, device=self.model.device)
+
     def _query(self, recall_ids: torch.Tensor) -> np.ndarray:
         """The recall query of a question: its inner products with the stored recall keys rank
         segments exactly as the model's recall does (the logits, up to the recall's scale)."""
@@ -423,7 +437,7 @@ class Engine:
         question = (question or "").strip()
         if not question:
             raise QAError("the question is empty")
-        ids = self._encode(question_prompt(self.tokenizer, question, options))
+        ids = self._encode_prompt(question, options)
         if ids.shape[1] > self.model.config.segment_length:
             raise QAError(
                 f"the question is {ids.shape[1]} tokens with its prompt; the limit is one segment "
@@ -503,8 +517,7 @@ class Engine:
         if not question:
             raise QAError("the question is empty")
         options = [o.strip() for o in options if o and o.strip()] if options else None
-        plain_prompt = question_prompt(self.tokenizer, question, options)
-        question_ids = self._encode(plain_prompt)
+        question_ids = self._encode_prompt(question, options)
         L = self.model.config.segment_length
         if question_ids.shape[1] > L:
             raise QAError(
@@ -526,12 +539,12 @@ class Engine:
                 # The passages the recall chose go in as text, in the answering segment itself (wider
                 # than L), so the memory token that answers is recalled by the same query.
                 context = self._context(text, evidence[: self.config.retrieval_segments])
-                prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, context))
+                prompt_ids = self._encode_prompt(question, options, context)
         elif mode == "dense-rag":
             model = self.plain
             evidence = self._dense_evidence(store, doc_id, text, question, version)
             context = self._context(text, evidence[: self.config.dense_k])
-            prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, context))
+            prompt_ids = self._encode_prompt(question, options, context)
         else:
             model = self.plain
             budget = (
@@ -547,7 +560,7 @@ class Engine:
                 )
             window_end = self._prefix_chars(text, budget)
             evidence = [Evidence(-1, 0, window_end, 1.0, text[:300])]
-            prompt_ids = self._encode(question_prompt(self.tokenizer, question, options, text[:window_end]))
+            prompt_ids = self._encode_prompt(question, options, text[:window_end])
         recall_s = time.perf_counter() - start
         response = self._respond(
             model,
@@ -630,7 +643,10 @@ class Engine:
     def _decide(self, model, prompt_ids, question_ids, state, options, start, memory_kw) -> _Response:
         """A closed question's answer: the decision head's choice where the checkpoint has one for
         these options, else the option with the highest (optionally calibrated) likelihood."""
-        option_ids = [self._encode(option_text(o, self.tokenizer))[0] for o in options]
+        option_ids = [
+            torch.tensor(self._tokenize(option_text(o, self.tokenizer), document=True).input_ids, device=self.model.device)
+            for o in options
+        ]
         totals, _, hidden = model.score_options(
             prompt_ids, option_ids, state, return_hidden=True, **memory_kw
         )

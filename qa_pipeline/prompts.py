@@ -25,12 +25,25 @@ def question_prompt(
     Instruction-tuned backbones get their chat template (so answers stay fluent); plain LMs get
     a ``Question: ... Answer:`` frame.
     """
-    user = question_text(question, options, context)
+    return _frame(tokenizer, question_text(question, options, context))
+
+
+def _frame(tokenizer: PreTrainedTokenizerBase, user: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
         )
     return f"Question: {user}\nAnswer:"
+
+
+def prompt_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """The prompt's text before and after the user's turn. Tokenizing the three apart lets the frame's
+    control tokens count as such while the same strings inside a question or document stay text."""
+    sentinel = "\ue000USER\ue000"  # a private-use character: in no template
+    before, found, after = _frame(tokenizer, sentinel).partition(sentinel)
+    if not found:
+        raise ValueError("the chat template does not put the user's message into the prompt verbatim")
+    return before, after
 
 
 def option_text(option: str, tokenizer: PreTrainedTokenizerBase) -> str:
