@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -630,12 +631,12 @@ class Engine:
                     break
                 new.append(int(step[0]))
                 text = self.decode(new)
-                answer = answer_paragraph(text)
+                answer = short_answer(text)
                 if on_token is not None:
                     on_token(answer)
                 if answer != text.strip():
-                    break  # the answer's paragraph ended: what follows is a new, made-up passage
-            text = answer_paragraph(self.decode(new))
+                    break  # the short answer ended: its first sentence, or its paragraph
+            text = short_answer(self.decode(new))
             # The answer's mean token log-likelihood, as the decoder chose it (its end token left out).
             answer_logprob = float(torch.cat(logprobs[: len(new)]).mean()) if new and logprobs else None
             return _Response(text, None, first or 0.0, answer_logprob=answer_logprob)
@@ -728,12 +729,25 @@ class Engine:
         return enc.offset_mapping[max_tokens - 1][1] if max_tokens else 0
 
 
-def answer_paragraph(text: str) -> str:
-    """An open answer: the generated text up to its first blank line. A small model that has answered
-    goes on with "Question: ..." or "Background: ..." after a blank line, a passage it makes up."""
+# A sentence ends at . ! ? followed by space and a capital, digit or bracket; the sentence must end
+# in a word of two or more letters, so "1." of a list or "5." of a number does not end the answer.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+_WORD_BEFORE_END = re.compile(r"[A-Za-z]{2}[)\]\"'\u201d\u2019]*[.!?]$")
+
+
+def short_answer(text: str) -> str:
+    """An open answer: the generated text's first sentence of three or more words, within its first
+    paragraph. A short answer first scores better against the gold spans in every mode (COVID-QA dev:
+    +0.02 token F1 each; README) and answers run about 18 words instead of 30; what a small model writes after a
+    blank line ("Question: ...", "Background: ...") is a made-up passage, never the answer."""
     text = text.strip()
-    end = text.find("\n\n")
-    return text if end < 0 else text[:end].rstrip()
+    blank = text.find("\n\n")
+    text = text if blank < 0 else text[:blank].rstrip()
+    for match in _SENTENCE_END.finditer(text):
+        head = text[: match.start()].rstrip()
+        if len(head.split()) >= 3 and _WORD_BEFORE_END.search(head):
+            return head
+    return text
 
 
 def _char_spans(segments: list[SegmentInfo], token_starts: np.ndarray, n_chars: int) -> None:

@@ -552,6 +552,13 @@ def _num(v: Any) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
+def _hits(m: Mapping[str, Any]) -> str:
+    """Evidence hit@1 / hit@5 on the document's HMT segments, with a random ranking's in brackets."""
+    if m.get("hit@1") is None:
+        return "– (no ranking)"
+    return f"{m['hit@1']:.2f} / {m['hit@5']:.2f} ({m['chance_hit@1']:.2f} / {m['chance_hit@5']:.2f})"
+
+
 def format_markdown(result: Mapping[str, Any]) -> str:
     """One Markdown table: per set and mode the metrics with their 95% CI, then majority and chance."""
     head = [
@@ -559,11 +566,12 @@ def format_markdown(result: Mapping[str, Any]) -> str:
         "mode",
         "n (docs)",
         *(label + " [95% CI]" for _, label in _COLUMNS),
+        "evidence hit@1 / hit@5 (chance)",
         "errors",
         "abstained",
         "answers",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(_COLUMNS) + 2) + "---|"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(_COLUMNS) + 3) + "---|"]
     methods: list[str] = []
     for name, s in result["sets"].items():
         n = f"{s['n']} ({s['n_documents']})"
@@ -582,30 +590,31 @@ def format_markdown(result: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {name} | `{mode}` | {n} | "
                 + " | ".join(cells)
-                + f" | {m['n_errors']} | {'–' if rate is None else f'{100 * rate:.0f}%'} | {answers} |"
+                + f" | {_hits(m)} | {m['n_errors']} | {'–' if rate is None else f'{100 * rate:.0f}%'} | {answers} |"
             )
         if s["kind"] == "closed":
             maj, ch = s["majority"], s["chance"]
             lines.append(
                 f"| {name} | majority ({maj['label']}) | {n} | {_num(maj['accuracy'])} | "
-                f"{_num(maj['macro_f1'])} | – | – | – | – | gold: "
+                f"{_num(maj['macro_f1'])} | – | – | – | – | – | gold: "
                 + ", ".join(f"{k} {v}" for k, v in s["gold_counts"].items())
                 + " |"
             )
             lines.append(
                 f"| {name} | chance (uniform) | {n} | {_num(ch['accuracy'])} | {_num(ch['macro_f1'])} "
-                f"| – | – | – | – | macro-F1 {ch['macro_f1_method']} |"
+                f"| – | – | – | – | – | macro-F1 {ch['macro_f1_method']} |"
             )
             if ch["macro_f1_method"] and ch["macro_f1_method"] not in methods:
                 methods.append(ch["macro_f1_method"])
         else:
             lines.append(
-                f"| {name} | majority / chance | {n} | n/a | n/a | n/a | n/a | – | – | open answers |"
+                f"| {name} | majority / chance | {n} | n/a | n/a | n/a | n/a | – | – | – | open answers |"
             )
     b = result.get("bootstrap", {})
     note = (
         f"95% percentile bootstrap over rows ({b.get('resamples')} resamples, seed {b.get('seed')}); "
-        "errors and abstentions count as wrong (F1 0); chance macro-F1: "
+        "errors and abstentions count as wrong (F1 0); evidence hit@k: a gold segment among the top k of "
+        "the document's HMT segments, the same granularity in every mode; chance macro-F1: "
         + (", ".join(methods) or "n/a")
         + "."
     )

@@ -584,14 +584,20 @@ def test_dense_index_is_built_outside_the_engine_lock(engine, tmp_path, monkeypa
     assert held == [False]
 
 
-def test_an_open_answer_ends_at_its_first_blank_line(engine, ingested, monkeypatch):
-    """What a small model writes after a blank line ("Question: ...", "Background: ...") is not the answer."""
-    from qa_pipeline.engine import answer_paragraph
+def test_an_open_answer_is_its_first_sentence(engine, ingested, monkeypatch):
+    """A short answer first: the first sentence of three or more words, within the first paragraph
+    (what a small model writes after a blank line, "Question: ...", is a made-up passage)."""
+    from qa_pipeline.engine import short_answer
 
-    assert answer_paragraph("  In December 2019.\n\nBackground: the virus") == "In December 2019."
-    assert answer_paragraph("One line\nand the next") == "One line\nand the next"
+    assert short_answer("  In December 2019.\n\nBackground: the virus") == "In December 2019."
+    assert short_answer("It was found in Wuhan. Later it spread to Europe.") == "It was found in Wuhan."
+    assert short_answer("One line\nand the next") == "One line\nand the next"
+    # Not sentence ends: a list's "1.", a number, a first sentence under three words.
+    assert short_answer("The doses were:\n1. Five mg. Then more.") == "The doses were:\n1. Five mg."
+    assert short_answer("Dose 5. Then 10 mg was given. Later less.") == "Dose 5. Then 10 mg was given."
+    assert short_answer("Yes. The trial showed it. And more.") == "Yes. The trial showed it."
     vocab = engine.tokenizer
-    script = vocab("In 2019.\n\nQuestion: when was", add_special_tokens=False).input_ids
+    script = vocab("It was in 2019 in Wuhan. Then it spread\n\nQuestion: when was", add_special_tokens=False).input_ids
     calls = []
 
     def scripted(self, *args, **kwargs):
@@ -602,8 +608,8 @@ def test_an_open_answer_ends_at_its_first_blank_line(engine, ingested, monkeypat
     monkeypatch.setattr(type(engine.model), "iter_generate", scripted)
     streamed = []
     ans = engine.ask(ingested[0], "trial", "When?", mode="hmt", on_token=streamed.append, record=False)
-    assert ans.answer == "In 2019." and streamed[-1] == "In 2019."
-    assert len(calls) < len(script)  # generation stopped at the blank line
+    assert ans.answer == "It was in 2019 in Wuhan." and streamed[-1] == ans.answer
+    assert len(calls) < len(script) - 5  # generation stopped once the next sentence began
 
 
 def test_prompt_ids_keep_the_users_turn_as_text(engine):
