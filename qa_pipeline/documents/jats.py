@@ -126,7 +126,8 @@ def _parse_xml(data: bytes, path: Path) -> ET.Element:
         root = parser.close()
     except DefusedXmlException as exc:
         raise DocumentError(
-            f"{path}: XML that declares entities (<!ENTITY ...>) is refused; a JATS article never needs "
+            # Worded without angle brackets: the web page shows error messages as HTML.
+            f"{path}: XML that declares entities (an ENTITY declaration in its DOCTYPE) is refused; a JATS article never needs "
             f"them, and they can expand a small file into a huge one ({type(exc).__name__})"
         ) from None
     except ET.ParseError as exc:

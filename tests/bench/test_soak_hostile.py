@@ -33,7 +33,9 @@ def test_hostile_inputs_get_clear_messages_in_every_face(tmp_path):
                 assert outcome["clear"], (row["case"], face, outcome["message"])
                 assert outcome["in_time"], (row["case"], face, outcome["s"])
         assert row["next_request_s"] < 60
-    assert "ENTITY" in by_case["entity expansion"]["api"]["message"]
+    for face in ("api", "page", "cli"):  # the page shows messages as HTML: nothing in them may vanish
+        if by_case["entity expansion"][face] is not None:
+            assert "ENTITY declaration" in by_case["entity expansion"][face]["message"]
     assert "nested too deeply" in by_case["block nesting 3,000 deep"]["api"]["message"]
     assert "ingested" in by_case["inline nesting 3,000 deep"]["api"]["message"]
     assert "LimitReachedError" in by_case["PDF decompression bomb"]["api"]["message"]
