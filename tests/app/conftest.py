@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,16 +11,11 @@ import pytest
 
 from app.settings import AppSettings
 from app.ui import QAApp, build_app
+from bench.loopback import free_port
 from qa_pipeline.engine import Engine, EngineConfig
 
 # Small, so the oversize test needs no big file; the documents used here are a few KB.
 TEST_UPLOAD_MB = 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
