@@ -11,7 +11,6 @@ Over 500 lines: the page's layout and one handler per event; what the handlers d
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -64,6 +63,12 @@ CSS = """
 .gradio-container {max-width: 1280px !important; margin: auto;}
 #model-status {font-size: 0.92em;}
 #evidence .textfield {max-height: 420px; overflow-y: auto; line-height: 1.55;}
+/* Gradio 6 lays the pieces out as flex items (each piece its own box, so a highlight starting mid-line
+   starts a new line, and a paragraph break shows as a bare line break): flow them as running text. */
+#evidence .textfield {display: block;}
+#evidence .textfield .token-container {display: inline;}
+#evidence .textfield .line-break {display: block;}
+#evidence .textfield .line-break + .line-break {height: 0.75em;}
 footer {display: none !important;}
 """
 
@@ -71,7 +76,8 @@ MODEL_EVENTS = "model"  # one concurrency pool for every event that runs the mod
 
 
 def _theme() -> gr.themes.Base:
-    # System fonts only: the default theme fetches Google Fonts, which offline servers cannot reach.
+    # System fonts only: nothing for the page to fetch (Gradio 5's themes loaded Google Fonts, which
+    # offline servers cannot reach; Gradio 6 bundles its own, but system fonts need no download at all).
     return gr.themes.Soft(
         primary_hue="orange",
         secondary_hue="blue",
@@ -107,17 +113,29 @@ def _user_errors(fn: Callable) -> Callable:
 
 
 class AppBlocks(gr.Blocks):
-    """``gr.Blocks`` whose upload limit holds however the app is launched.
+    """``gr.Blocks`` whose upload limit, theme and CSS hold however the app is launched.
 
     Gradio reads ``max_file_size`` from the Blocks on every upload, and ``launch()`` (and
     ``mount_gradio_app``) assign it, ``None`` (no limit) unless told otherwise: so ``gradio app.py``
     or a platform calling ``demo.launch()`` would lift the limit. Here the limit set at construction
     always applies; a launch may only lower it.
+
+    Gradio 6 takes the theme and CSS at ``launch()`` rather than in the constructor; ``launch()`` here
+    uses the page's own unless the caller passes others, so a bare ``demo.launch()`` gets them too.
     """
 
-    def __init__(self, *args: Any, upload_limit: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        upload_limit: int | None = None,
+        page_theme: gr.themes.Base | None = None,
+        page_css: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.upload_limit = upload_limit
         self._launch_file_size: int | None = None
+        self.page_theme = page_theme
+        self.page_css = page_css
         super().__init__(*args, **kwargs)
 
     @property
@@ -128,6 +146,13 @@ class AppBlocks(gr.Blocks):
     @max_file_size.setter
     def max_file_size(self, value: int | None) -> None:
         self._launch_file_size = value
+
+    def launch(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("theme") is None:
+            kwargs["theme"] = self.page_theme
+        if kwargs.get("css") is None:
+            kwargs["css"] = self.page_css
+        return super().launch(*args, **kwargs)
 
 
 def _close_session(session: UserSession | None) -> None:
@@ -348,19 +373,12 @@ class QAApp:
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> gr.Blocks:
-        with warnings.catch_warnings():
-            # Gradio 5.50 warns about every argument Gradio 6 renames (api_name=False, theme, css...),
-            # including its own defaults; pyproject pins gradio < 6, so these are noise here.
-            warnings.filterwarnings("ignore", message=r".*(Gradio 6\.0|api_name=False).*", category=DeprecationWarning)
-            return self._layout()
-
-    def _layout(self) -> gr.Blocks:
         model = {"concurrency_id": MODEL_EVENTS, "concurrency_limit": self.settings.concurrency}
-        light = {"concurrency_limit": None, "api_name": False, "show_progress": "hidden"}
+        light = {"concurrency_limit": None, "api_visibility": "private", "show_progress": "hidden"}
         blocks = AppBlocks(
             title="hmt-qa",
-            theme=_theme(),
-            css=CSS,
+            page_theme=_theme(),
+            page_css=CSS,
             analytics_enabled=False,
             upload_limit=self.settings.max_upload_bytes,
             delete_cache=self.settings.delete_cache,  # uploads and results files do not pile up
@@ -423,7 +441,7 @@ class QAApp:
                             )
                             mode = gr.Radio(list(ANSWER_MODES), value=DEFAULT_MODE, label="Answer mode", info=MODE_HELP)
                             ask_btn = gr.Button("Ask", variant="primary", elem_id="ask-btn")
-                            answer = gr.Textbox(label="Answer", lines=2, interactive=False, show_copy_button=True, elem_id="answer")
+                            answer = gr.Textbox(label="Answer", lines=2, interactive=False, buttons=["copy"], elem_id="answer")
                             timings = gr.Markdown(elem_id="timings")
                             share_btn = gr.Button(
                                 "Save the selected document to the shared store",
@@ -453,7 +471,13 @@ class QAApp:
                             batch_status = gr.Markdown(label="status", elem_id="batch-status")
                             metrics = gr.Dataframe(headers=views.METRIC_HEADERS, label="Metrics per mode", interactive=False)
                             download = gr.File(label="Download the results (JSONL)", interactive=False, height=70)
-                    results = gr.Dataframe(headers=views.RESULT_HEADERS, label="Results", wrap=True, interactive=False)
+                    results = gr.Dataframe(
+                        headers=views.RESULT_HEADERS,
+                        label="Results",
+                        wrap=True,
+                        column_widths=views.RESULT_WIDTHS,
+                        interactive=False,
+                    )
                 with gr.Tab("Memory", id="memory"):
                     gr.Markdown(MEMORY_HELP)
                     memory_title = gr.Markdown("Pick a document on the **Ask** tab.", elem_id="memory-title")
@@ -472,12 +496,18 @@ class QAApp:
                         headers=["rank", "segment", "score q·K", "recall weight", "characters", "snippet"],
                         label="Nearest segments",
                         wrap=True,
+                        column_widths=["7%", "8%", "10%", "10%", "11%", "54%"],
                         interactive=False,
                         elem_id="search-results",
                     )
                     gr.Markdown("#### Segments of the document")
                     segments = gr.Dataframe(
-                        headers=views.SEGMENT_HEADERS, label="Segments", show_label=False, wrap=True, interactive=False
+                        headers=views.SEGMENT_HEADERS,
+                        label="Segments",
+                        show_label=False,
+                        wrap=True,
+                        column_widths=views.SEGMENT_WIDTHS,
+                        interactive=False,
                     )
 
             memory_outputs = [evidence, timings, recall_plot, distance_plot, pca_plot, memory_title]
@@ -499,7 +529,7 @@ class QAApp:
             )
             question.submit(
                 _user_errors(self.ask), [session, picker, question, mode, options], [session, answer, answer_json],
-                api_name=False, **model,
+                api_visibility="private", **model,
             ).success(_user_errors(self.show_answer), [session], memory_outputs, **light)
             ask_event.success(_user_errors(self.show_answer), [session], memory_outputs, **light)
             share_btn.click(

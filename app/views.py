@@ -161,6 +161,9 @@ def answer_markdown(answer: Answer) -> str:
 
 
 SEGMENT_HEADERS = ["segment", "tokens", "characters", "snippet"]
+# Gradio 6 sizes table columns to their content unless told: a long snippet would push the table
+# wider than the page instead of wrapping.
+SEGMENT_WIDTHS = ["8%", "12%", "12%", "68%"]
 
 
 def segment_rows(text: str, segments: Sequence[SegmentInfo], snippet_chars: int = 120) -> list[list]:
@@ -212,6 +215,7 @@ RESULT_HEADERS = [
     "latency s",
     "error",
 ]
+RESULT_WIDTHS = ["6%", "7%", "11%", "22%", "11%", "14%", "7%", "9%", "8%", "5%"]
 
 
 def _correct(record: dict) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -51,6 +54,37 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars from transformers while a model loads or saves.
+
+    transformers 5 draws a "Loading weights" bar on every ``from_pretrained`` (and one per shard
+    written by ``save_pretrained``). The models here load in about a second; the bars would only
+    clutter the CLI's output and the server log. The setting is process-wide, so it is restored after.
+    """
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Wrapping a model in peft without transformers' FutureWarning about ``is_gradient_checkpointing``.
+
+    peft (0.21) reads that property, which transformers 5.24 renamed (``is_activation_checkpointing``)
+    and still answers, with a warning on every adapter load: noise in the CLI's output.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def cache_dir() -> Path:
     """Where converted models live: $HMTQA_CACHE, else ~/.cache/hmt-qa."""
     return Path(os.environ.get("HMTQA_CACHE", Path.home() / ".cache" / "hmt-qa"))
@@ -76,6 +110,24 @@ def converted_path(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
+def _detach_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Make a model loaded from a GGUF file an ordinary one that ``save_pretrained`` accepts.
+
+    transformers 5 loads GGUF files through a GGUF quantizer that stays attached to the model even when
+    every weight was dequantised (always so for Llama: it goes through the dequantising loader), and
+    ``save_pretrained`` refuses any model whose quantizer cannot be serialised. The weights are plain
+    float tensors then, so dropping the quantizer (and ``config.quantization_config``) saves them as a
+    normal checkpoint. Weights left packed in GGUF blocks (integer tensors) cannot be saved so: refuse.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [name for name, t in model.state_dict().items() if not t.is_floating_point()]
+    if packed:
+        raise RuntimeError(f"GGUF weights left packed, cannot convert to safetensors: {packed[:3]}")
+    quantizer.remove_quantization_config(model)
+
+
 def _convert_embedded(name: str) -> Path:
     """Dequantise the embedded GGUF into a plain float32 safetensors folder, once (atomic rename)."""
     target = converted_path(name)
@@ -90,13 +142,15 @@ def _convert_embedded(name: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
+        _detach_gguf_quantizer(model)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if name in EMBEDDED_EOS:
             tokenizer.eos_token = tokenizer.pad_token = EMBEDDED_EOS[name]
             eos_id = tokenizer.convert_tokens_to_ids(EMBEDDED_EOS[name])
             model.config.eos_token_id = model.config.pad_token_id = eos_id
             model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_id
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet_loading():
+            model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         (tmp / f"converted-v{CONVERSION_VERSION}").write_text("ok\n")
         if target.exists():  # an older conversion: replace it
@@ -174,7 +228,8 @@ def load_backbone(
     path = resolve_backbone_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as err:  # missing folder, offline hub, malformed id
         raise FileNotFoundError(
             f"Could not load backbone {name_or_path!r}: {err}. Use the embedded default "

@@ -136,14 +136,16 @@ class HMTModel(nn.Module):
         if position_ids is None:
             # Positions count real tokens only, so right padding leaves the real positions unchanged.
             position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        # ``past`` is a transformers Cache (a DynamicCache the backbone creates on the first call);
+        # transformers 5.24 renamed the forward argument and output field past_key_values -> cache.
         out = self._decoder()(
             inputs_embeds=embeds,
             attention_mask=mask.long(),
             position_ids=position_ids,
-            past_key_values=past,
+            cache=past,
             use_cache=use_cache,
         )
-        return out.last_hidden_state, out.past_key_values if use_cache else None
+        return out.last_hidden_state, out.cache if use_cache else None
 
     @property
     def device(self) -> torch.device:
@@ -720,7 +722,10 @@ class HMTModel(nn.Module):
                 self.backbone.save_pretrained(tmp / "adapter")
                 _name_adapter_base(tmp / "adapter", self.config.backbone)
             if save_backbone:
-                self._causal_lm().save_pretrained(tmp / "backbone", safe_serialization=True)
+                from .backbone import quiet_loading
+
+                with quiet_loading():
+                    self._causal_lm().save_pretrained(tmp / "backbone")  # safetensors
             if path.exists():
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -801,9 +806,12 @@ class HMTModel(nn.Module):
         if meta.get("has_adapter") and (path / "adapter").is_dir() and not hasattr(backbone, "peft_config"):
             from peft import PeftModel
 
-            backbone = PeftModel.from_pretrained(
-                backbone, str(path / "adapter"), is_trainable=not merge_adapter
-            )
+            from .backbone import quiet_peft
+
+            with quiet_peft():
+                backbone = PeftModel.from_pretrained(
+                    backbone, str(path / "adapter"), is_trainable=not merge_adapter
+                )
             if merge_adapter:
                 # Folding LoRA into the weights makes inference as fast as the plain backbone.
                 backbone = backbone.merge_and_unload()

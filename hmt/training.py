@@ -85,7 +85,10 @@ def prepare_model(model: HMTModel, cfg: TrainConfig) -> HMTModel:
         if not set(targets) & names:  # GPT-2 style attention
             targets = ["c_attn", "c_proj"]
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=4 * cfg.lora_r, lora_dropout=0.0, target_modules=targets)
-        model.backbone = get_peft_model(model.backbone, lora)
+        from .backbone import quiet_peft
+
+        with quiet_peft():
+            model.backbone = get_peft_model(model.backbone, lora)
     for p in model.backbone.parameters():
         p.requires_grad_(cfg.trainable == "all")
     if cfg.trainable == "lora":

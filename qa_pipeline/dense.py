@@ -119,6 +119,8 @@ class DenseEmbedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from hmt.backbone import quiet_loading
+
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.name_or_path = name_or_path
@@ -126,9 +128,8 @@ class DenseEmbedder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        # The checkpoint is stored in float32 and loads as such; no dtype argument, because its name
-        # changed across the supported transformers versions (torch_dtype -> dtype).
-        self.model = AutoModel.from_pretrained(self.model_path).to(self.device).eval()
+        with quiet_loading():
+            self.model = AutoModel.from_pretrained(self.model_path, dtype=torch.float32).to(self.device).eval()
         self.max_length = max_length or _max_seq_length(self.model_path, self.tokenizer)
         self._dim = int(self.model.config.hidden_size)
         logger.info(

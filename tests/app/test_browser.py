@@ -44,6 +44,16 @@ def page(browser, server):
     context.close()
 
 
+def screenshot(page, name: str) -> None:
+    """Save docs/screenshots/NAME.png once every progress indicator is gone (Gradio 6 fades the
+    outputs of an event in, so a shot taken the moment the text appears can catch them half-drawn)."""
+    page.wait_for_function(
+        "[...document.querySelectorAll('[data-testid=status-tracker]')].every(e => e.classList.contains('hide'))"
+    )
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
 def toast(page, pattern: str):
     """The error toast Gradio shows for gr.Error."""
     import re
@@ -71,8 +81,7 @@ def test_ask_flow_evidence_and_memory(page):
     page.locator("#evidence").get_by_text("supporting sentence", exact=False).first.wait_for()
     # Evidence is highlighted over the text, labelled with rank, segment and recall weight.
     page.locator("#evidence").get_by_text("recall weight", exact=False).first.wait_for()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "ask.png"), full_page=True)
+    screenshot(page, "ask")
 
     page.get_by_role("tab", name="Memory").click()
     page.locator("#memory-title").get_by_text("Last question").wait_for()
@@ -81,8 +90,10 @@ def test_ask_flow_evidence_and_memory(page):
     search = page.get_by_label("Text to search for (encoded as a question)")
     search.fill("antibiotic treatment")
     page.get_by_role("button", name="Search").click()
-    page.wait_for_function("document.querySelectorAll('#search-results tbody tr').length >= 2")
-    page.screenshot(path=str(SCREENSHOTS / "memory.png"), full_page=True)
+    # Gradio 6 draws a table's body as rows of <div> cells (not <tbody><tr>), each with a test id
+    # cell-ROW-COL: a second row means at least two results.
+    page.locator('#search-results [data-testid="cell-1-0"]').wait_for()
+    screenshot(page, "memory")
 
 
 def test_batch_tab_runs_the_sample(page):
@@ -91,7 +102,7 @@ def test_batch_tab_runs_the_sample(page):
     page.click("#batch-btn")
     page.locator("#batch-status").get_by_text("6 answers", exact=False).wait_for()
     page.get_by_text("trial-2").first.wait_for()
-    page.screenshot(path=str(SCREENSHOTS / "batch.png"), full_page=True)
+    screenshot(page, "batch")
 
 
 def test_bad_uploads_show_an_error_and_the_page_keeps_working(page, tmp_path):

@@ -267,6 +267,16 @@ def test_the_demo_enforces_the_upload_limit_without_app_server(bare_server, tmp_
     assert demo.max_file_size == limit
 
 
+def test_the_demo_keeps_its_theme_and_css_without_app_server(bare_server):
+    """Gradio 6 takes the theme and CSS at launch(), not in the Blocks; a bare ``demo.launch()`` still
+    gets the page's own: its CSS and its theme (system fonts, not the default theme's)."""
+    url, _ = bare_server
+    config = httpx.get(url + "config", timeout=30).json()
+    assert "#evidence" in config["css"] and config["stylesheets"] == []
+    theme = httpx.get(url + "theme.css", timeout=30).text
+    assert "Segoe UI" in theme and "Source Sans Pro" not in theme and "googleapis" not in theme
+
+
 # ---------------------------------------------------------------- 7 · shared writes: opt-in, with a quota
 def test_shared_writes_are_off_by_default(service):
     session = service.new_session()
