@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,9 @@ class DenseEmbedder:
             self.model = AutoModel.from_pretrained(self.model_path, dtype=torch.float32).to(self.device).eval()
         self.max_length = max_length or _max_seq_length(self.model_path, self.tokenizer)
         self._dim = int(self.model.config.hidden_size)
+        # One embedder serves every request: a fast tokenizer shared between threads fails with
+        # "Already borrowed" when one call sets its padding while another encodes.
+        self._lock = threading.Lock()
         logger.info(
             "dense embedder %s on %s (dim %d, max %d tokens)",
             self.model_path,
@@ -166,13 +170,14 @@ class DenseEmbedder:
         with torch.inference_mode():
             for b in range(0, len(order), self.batch_size):
                 idx = order[b : b + self.batch_size]
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
+                with self._lock:
+                    enc = self.tokenizer(
+                        [texts[i] for i in idx],
+                        padding=True,
+                        truncation=True,
+                        max_length=self.max_length,
+                        return_tensors="pt",
+                    ).to(self.device)
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
