@@ -183,7 +183,8 @@ def via_page(url: str, case: Case, limit_s: float, browser) -> dict:
         page.click("#ingest-btn")
         shown = page.locator(".toast-body, #ingest-status:has-text('ingested')").first
         shown.wait_for()
-        message = clipped + shown.inner_text().replace("\n", " ").removeprefix("Error ").rstrip(" ×")
+        text = shown.inner_text().replace("\n", " ").strip(" ×")  # the toast's close button
+        message = clipped + text.removeprefix("Error ")
         return _outcome(case, message, time.perf_counter() - start, limit_s)
     finally:
         page.close()
