@@ -13,6 +13,7 @@ from bench import hostile, soak
 
 def test_soak_eight_sessions_lose_nothing(tmp_path):
     res = soak.run(sessions=8, duration_s=12, tiny=True, root=tmp_path)
+    print(soak.report(res))  # shown by pytest when an assertion below fails
     assert res["errors"] == [] and res["lost"] == []
     assert all(n >= 2 for n in res["asks_per_session"])  # every session got answers, not just the first
     assert res["documents"] == sum(n // 2 for n in res["asks_per_session"])  # two questions per document
@@ -24,6 +25,7 @@ def test_soak_eight_sessions_lose_nothing(tmp_path):
 
 def test_hostile_inputs_get_clear_messages_in_every_face(tmp_path):
     res = hostile.run(tiny=True, limit_s=120, root=tmp_path, page=shutil.which("chromium") is not None)
+    print(hostile.report(res))  # shown by pytest when an assertion below fails
     by_case = {r["case"].split(" (")[0]: r for r in res["cases"]}
     assert len(by_case) == 6
     for row in res["cases"]:
