@@ -616,7 +616,7 @@ class Engine:
         with torch.inference_mode():
             if options:
                 return self._decide(model, prompt_ids, question_ids, state, options, start, memory_kw)
-            first, new, logprobs = None, [], []
+            first, new, logprobs, kept = None, [], [], 0
             for step in model.iter_generate(
                 prompt_ids,
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens,
@@ -636,9 +636,11 @@ class Engine:
                     on_token(answer)
                 if answer != text.strip():
                     break  # the short answer ended: its first sentence, or its paragraph
+                kept = len(new)  # tokens that are all answer so far
             text = short_answer(self.decode(new))
-            # The answer's mean token log-likelihood, as the decoder chose it (its end token left out).
-            answer_logprob = float(torch.cat(logprobs[: len(new)]).mean()) if new and logprobs else None
+            # The answer's mean token log-likelihood, as the decoder chose it: over the answer's own
+            # tokens, not the end token nor the token that began the next sentence.
+            answer_logprob = float(torch.cat(logprobs[:kept]).mean()) if kept and logprobs else None
             return _Response(text, None, first or 0.0, answer_logprob=answer_logprob)
 
     def _decide(self, model, prompt_ids, question_ids, state, options, start, memory_kw) -> _Response:

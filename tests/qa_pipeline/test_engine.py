@@ -600,9 +600,10 @@ def test_an_open_answer_is_its_first_sentence(engine, ingested, monkeypatch):
     script = vocab("It was in 2019 in Wuhan. Then it spread\n\nQuestion: when was", add_special_tokens=False).input_ids
     calls = []
 
-    def scripted(self, *args, **kwargs):
-        for token in script:
+    def scripted(self, *args, token_logprobs=None, **kwargs):
+        for i, token in enumerate(script):
             calls.append(token)
+            token_logprobs.append(torch.tensor([-0.1 * (i + 1)]))  # a known log-probability per token
             yield torch.tensor([token])
 
     monkeypatch.setattr(type(engine.model), "iter_generate", scripted)
@@ -610,6 +611,11 @@ def test_an_open_answer_is_its_first_sentence(engine, ingested, monkeypatch):
     ans = engine.ask(ingested[0], "trial", "When?", mode="hmt", on_token=streamed.append, record=False)
     assert ans.answer == "It was in 2019 in Wuhan." and streamed[-1] == ans.answer
     assert len(calls) < len(script) - 5  # generation stopped once the next sentence began
+    # The confidence reads the answer's own tokens: not the one that began the next sentence.
+    n = len(vocab("It was in 2019 in Wuhan.", add_special_tokens=False).input_ids)
+    assert len(calls) == n + 1
+    mean = -0.1 * (n + 1) / 2  # mean of -0.1 * (1..n)
+    assert ans.confidence == pytest.approx(math.sqrt(math.exp(mean) * max(w for _, w in ans.recall)), rel=1e-5)
 
 
 def test_prompt_ids_keep_the_users_turn_as_text(engine):
