@@ -30,7 +30,9 @@ EMBEDDED = {
 # The GGUF metadata names <|im_start|> as end-of-sequence; the chat model ends turns with <|im_end|>,
 # so generation would never stop. Upstream SmolLM2-Instruct uses <|im_end|> for eos and padding.
 EMBEDDED_EOS = {"smollm2-135m-instruct": "<|im_end|>"}
-CONVERSION_VERSION = "2"
+# 3: converted by transformers 5. A folder written by transformers 4 still loads, but its tokenizer
+# config makes transformers 5 warn twice on every load (tokenizer class, clean-up spaces).
+CONVERSION_VERSION = "3"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -139,9 +141,8 @@ def _convert_embedded(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         # GGUF tensors are dequantised; load as float32 first, casting happens at load time.
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _detach_gguf_quantizer(model)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if name in EMBEDDED_EOS:

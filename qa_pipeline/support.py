@@ -53,7 +53,8 @@ def supporting_sentence(
     text: str, evidence: list[Evidence], answer: str, question: str, top: int = 3
 ) -> Support | None:
     """The sentence of the top ``top`` evidence passages that shares most words with the answer
-    (ties, and closed answers such as "yes", go to the sentence closest to the question).
+    (ties, and closed answers such as "yes", go to the sentence closest to the question); a sentence
+    of fewer than four words (a heading) only when the passages have nothing longer.
 
     A lexical pointer into the passages the answer was made from, not a second retriever: it never
     looks outside the evidence the mode used.
@@ -67,8 +68,9 @@ def supporting_sentence(
             words = _words(text[s:e])
             if not words:
                 continue
+            # A heading ("Subjects", "Methods") is no support: sentences of 4+ words come first.
             # Earlier (higher-ranked) passages win ties.
-            key = (len(words & answer_words), len(words & question_words), -rank)
+            key = (len(text[s:e].split()) >= 4, len(words & answer_words), len(words & question_words), -rank)
             if best_key is None or key > best_key:
                 best, best_key = Support(text[s:e], s, e, ev.segment), key
     return best

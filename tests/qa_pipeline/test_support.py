@@ -58,3 +58,11 @@ def test_open_confidence_combines_likelihood_and_recall_concentration():
     spread = open_confidence(math.log(0.5), [(0, 0.34), (1, 0.33), (2, 0.33)])
     assert focused == pytest.approx(math.sqrt(0.45)) and spread < focused
     assert open_confidence(math.log(0.9), [(0, 0.9)]) > open_confidence(math.log(0.2), [(0, 0.9)])
+
+
+def test_a_heading_is_support_only_when_nothing_longer_is_there():
+    # Seen in the CLI: "How many subjects were scanned?" got the heading "Subjects" as its support.
+    text = "Subjects\nFrom 2011 to 2013, 14,758 subjects received brain MRI examinations here.\nMethods"
+    s = supporting_sentence(text, [ev(0, len(text))], "The number of subjects is not given.", "How many subjects?")
+    assert s.text.startswith("From 2011 to 2013")
+    assert supporting_sentence("Subjects", [ev(0, 8)], "subjects", "How many subjects?").text == "Subjects"
