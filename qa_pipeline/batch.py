@@ -21,6 +21,7 @@ from .documents import Document
 from .engine import Answer, Engine
 from .metrics import spans_overlap, summarize
 from .qa_data import QARow
+from .recall_eval import gold_segments
 from .store import DocumentExists, MemoryStore, SegmentInfo, StoreError, UnknownDocument
 
 logger = logging.getLogger(__name__)
@@ -264,9 +265,7 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
         record["evidence_ranked"] = [[e.char_start, e.char_end] for e in ans.evidence]
         segments = store.segments(doc_id)
         record["segments_ranked"] = segment_ranking(ans, segments)
-        record["gold_segments"] = [
-            s.idx for s in segments if any(spans_overlap((s.char_start, s.char_end), g) for g in row.evidence)
-        ]
+        record["gold_segments"] = gold_segments(segments, row.evidence)
         record["n_segments"] = len(segments)
         record["confidence"] = ans.confidence
         record["abstained"] = ans.abstained

@@ -405,8 +405,8 @@ class Engine:
         around it, whose fixed header and suffix made every question's query nearly the same)."""
         return self._encode(question.strip())[:, : self.model.config.summary_length]
 
-    def _encode(self, text: str) -> torch.Tensor:
-        ids = self._tokenize(text).input_ids
+    def _encode(self, text: str, *, document: bool = False) -> torch.Tensor:
+        ids = self._tokenize(text, document=document).input_ids
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
     def _encode_prompt(self, question: str, options: list[str] | None = None, context: str | None = None):
@@ -616,7 +616,7 @@ class Engine:
         with torch.inference_mode():
             if options:
                 return self._decide(model, prompt_ids, question_ids, state, options, start, memory_kw)
-            first, new, logprobs, kept = None, [], [], 0
+            first, new, logprobs, kept, answer = None, [], [], 0, ""
             for step in model.iter_generate(
                 prompt_ids,
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens,
@@ -637,19 +637,15 @@ class Engine:
                 if answer != text.strip():
                     break  # the short answer ended: its first sentence, or its paragraph
                 kept = len(new)  # tokens that are all answer so far
-            text = short_answer(self.decode(new))
             # The answer's mean token log-likelihood, as the decoder chose it: over the answer's own
             # tokens, not the end token nor the token that began the next sentence.
             answer_logprob = float(torch.cat(logprobs[:kept]).mean()) if kept and logprobs else None
-            return _Response(text, None, first or 0.0, answer_logprob=answer_logprob)
+            return _Response(answer, None, first or 0.0, answer_logprob=answer_logprob)
 
     def _decide(self, model, prompt_ids, question_ids, state, options, start, memory_kw) -> _Response:
         """A closed question's answer: the decision head's choice where the checkpoint has one for
         these options, else the option with the highest (optionally calibrated) likelihood."""
-        option_ids = [
-            torch.tensor(self._tokenize(option_text(o, self.tokenizer), document=True).input_ids, device=self.model.device)
-            for o in options
-        ]
+        option_ids = [self._encode(option_text(o, self.tokenizer), document=True)[0] for o in options]
         totals, _, hidden = model.score_options(
             prompt_ids, option_ids, state, return_hidden=True, **memory_kw
         )

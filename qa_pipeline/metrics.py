@@ -185,12 +185,16 @@ def chance_hit_at_k(n: int, g: int, k: int) -> float:
     return float(1 - Fraction(math.comb(n - g, k), math.comb(n, k)))
 
 
-def segment_hit_at_k(ranked: Sequence[int], gold: Iterable[int], k: int) -> bool:
-    """Whether one of the top-``k`` segment ids of ``ranked`` is a gold segment."""
-    if k < 1:
-        raise ValueError("k must be >= 1")
+def rank_metrics(ranking: Sequence[int], gold: Iterable[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """hit@k and reciprocal rank of one ranking (segment ids, best first) against the gold segments.
+
+    A ranking without any gold segment scores 0 everywhere.
+    """
     gold = set(gold)
-    return any(int(i) in gold for i in list(ranked)[:k])
+    first = next((r for r, idx in enumerate(ranking, 1) if idx in gold), None)
+    out = {f"hit@{k}": float(first is not None and first <= k) for k in ks}
+    out["mrr"] = 0.0 if first is None else 1.0 / first
+    return out
 
 
 def _mean(values: list[float]) -> float | None:
@@ -256,8 +260,9 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
             # mode retrieved (segments, 800-character chunks, one window): see batch.segment_ranking.
             ranked, gold_seg, n_seg = rec.get("segments_ranked"), rec.get("gold_segments"), rec.get("n_segments")
             if ranked is not None and gold_seg and n_seg:
-                hit1.append(segment_hit_at_k(ranked, gold_seg, 1))
-                hit5.append(segment_hit_at_k(ranked, gold_seg, 5))
+                hits = rank_metrics(ranked, gold_seg)
+                hit1.append(bool(hits["hit@1"]))
+                hit5.append(bool(hits["hit@5"]))
                 chance1.append(chance_hit_at_k(int(n_seg), len(gold_seg), 1))
                 chance5.append(chance_hit_at_k(int(n_seg), len(gold_seg), 5))
             latency = rec.get("latency_s")

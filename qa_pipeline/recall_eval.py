@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .documents import Document
-from .metrics import _check_ng, chance_hit_at_k, spans_overlap
+from .metrics import _check_ng, chance_hit_at_k, rank_metrics, spans_overlap
 from .qa_data import QARow
 from .store import MemoryStore, SegmentInfo, StoreError
 
@@ -109,18 +109,6 @@ def chance_metrics(n: int, g: int, ks: Sequence[int] = KS) -> dict[str, float]:
     """``{"hit@k": ..., "mrr": ...}`` of a uniformly random ranking of ``n`` segments with ``g`` gold."""
     out = {f"hit@{k}": chance_hit_at_k(n, g, k) for k in ks}
     out["mrr"] = chance_mrr(n, g)
-    return out
-
-
-def rank_metrics(ranking: Sequence[int], gold: Iterable[int], ks: Sequence[int] = KS) -> dict[str, float]:
-    """hit@k and reciprocal rank of one ranking (segment ids, best first) against the gold segments.
-
-    A ranking without any gold segment scores 0 everywhere.
-    """
-    gold = set(gold)
-    first = next((r for r, idx in enumerate(ranking, 1) if idx in gold), None)
-    out = {f"hit@{k}": float(first is not None and first <= k) for k in ks}
-    out["mrr"] = 0.0 if first is None else 1.0 / first
     return out
 
 

@@ -11,7 +11,7 @@ from qa_pipeline.metrics import (
     exact_match,
     macro_f1,
     normalize_answer,
-    segment_hit_at_k,
+    rank_metrics,
     summarize,
     token_f1,
 )
@@ -60,14 +60,12 @@ def test_exact_match_and_token_f1() -> None:
     assert token_f1("x", []) == 0.0
 
 
-def test_segment_hit_at_k() -> None:
-    assert not segment_hit_at_k([3, 7, 1], [7], 1)
-    assert segment_hit_at_k([3, 7, 1], [7], 2)
-    assert segment_hit_at_k([3, 7, 1], {9, 1}, 5)
-    assert not segment_hit_at_k([], [7], 5)
-    assert not segment_hit_at_k([3, 7], [], 5)
-    with pytest.raises(ValueError):
-        segment_hit_at_k([3], [3], 0)
+def test_rank_metrics_hit_at_k() -> None:
+    assert rank_metrics([3, 7, 1], [7])["hit@1"] == 0.0
+    assert rank_metrics([3, 7, 1], [7], ks=(2,))["hit@2"] == 1.0
+    assert rank_metrics([3, 7, 1], {9, 1})["hit@5"] == 1.0
+    assert rank_metrics([], [7])["hit@5"] == 0.0
+    assert rank_metrics([3, 7], [])["hit@5"] == 0.0
 
 
 def test_summarize() -> None:
