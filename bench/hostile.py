@@ -194,6 +194,7 @@ def _paste(page, text: str) -> str:
     """Paste ``text`` into the paste box as a browser does: clipped to the box's ``maxlength``. The
     text is rebuilt inside the page from its first line, so 50 MB need not cross the DevTools socket."""
     unit = text[: text.index(".") + 2]
+    page.locator("#paste textarea").wait_for()  # evaluate() does not wait for the box as fill() would
     shown = page.evaluate(
         """([unit, n]) => {
             const box = document.querySelector('#paste textarea');
