@@ -135,10 +135,19 @@ def support_markdown(answer: Answer) -> str | None:
     return f"**supporting sentence:** “{quoted}” (green in the text below)"
 
 
+def sentence_markdown(answer: Answer) -> str | None:
+    """The sentence the model wrote, when the short answer is only part of it."""
+    if not answer.sentence or answer.abstained or answer.sentence.rstrip(".") == answer.answer:
+        return None
+    return f"**the model wrote:** “{md_text(snippet(answer.sentence, 300))}”"
+
+
 def answer_markdown(answer: Answer) -> str:
-    """Confidence, the supporting sentence, mode, timings and (closed questions) the option scores."""
+    """Confidence, the model's sentence, the supporting sentence, mode, timings and (closed
+    questions) the option scores."""
     t = answer.timings
-    lines = [line for line in (confidence_markdown(answer), support_markdown(answer)) if line]
+    parts = (confidence_markdown(answer), sentence_markdown(answer), support_markdown(answer))
+    lines = [line for line in parts if line]
     lines.append(
         f"**mode** `{answer.mode}` · recall {t.get('recall_s', 0):.2f} s · first token "
         f"{t.get('first_token_s', 0):.2f} s · total {t.get('total_s', 0):.2f} s"

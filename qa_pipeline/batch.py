@@ -261,6 +261,7 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
         start = time.perf_counter()  # latency is the answer's alone; ingestion is reported apart
         ans = engine.ask(store, doc_id, row.question, mode=mode, options=row.options, record=False)
         record["prediction"] = ans.answer
+        record["sentence"] = ans.sentence  # open questions: the sentence the short answer came from
         record["option_scores"] = ans.option_scores
         record["evidence_ranked"] = [[e.char_start, e.char_end] for e in ans.evidence]
         segments = store.segments(doc_id)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +25,7 @@ import torch
 
 from hmt import DEFAULT_BACKBONE, HMTConfig, HMTModel, load_backbone, resolve_dtype
 
+from .answer_text import answer_phrase, short_answer
 from .decision import DecisionHeads
 from .documents import Document
 from .prompts import option_text, prompt_frame, question_text
@@ -116,6 +116,9 @@ class Answer:
     # does not seem to say (the model's own best answer stays in option_scores / is not shown).
     abstained: bool = False
     support: Support | None = None  # the evidence sentence that supports the answer
+    # Open questions: the sentence the model wrote; ``answer`` is its short answer, the part that does
+    # not restate the question (``answer_text.answer_phrase``).
+    sentence: str | None = None
     query: list[float] | None = field(default=None, repr=False)  # the recall query q, for plots
     # Closed questions: each option's log-likelihood and the state the decision is read from (the
     # decision head's inputs; kept out of the JSON record).
@@ -582,12 +585,14 @@ class Engine:
         if model is self.model:
             threshold = response.threshold if options else self.decision_heads.open_threshold
         abstained = bool(threshold and confidence is not None and confidence < threshold)
+        sentence = None if options else response.answer
+        phrase = response.answer if options else answer_phrase(response.answer, question)
         total_s = time.perf_counter() - start
         result = Answer(
             doc_id=info.doc_id,
             question=question,
             mode=mode,
-            answer=NOT_IN_DOCUMENT if abstained else response.answer,
+            answer=NOT_IN_DOCUMENT if abstained else phrase,
             options=options,
             option_scores=response.option_scores,
             evidence=evidence,
@@ -596,6 +601,7 @@ class Engine:
             confidence=confidence,
             abstained=abstained,
             support=supporting_sentence(text, evidence, response.answer, question),
+            sentence=sentence,
             query=query,
             option_logprobs=response.option_logprobs,
             decision_state=response.decision_state,
@@ -725,27 +731,6 @@ class Engine:
         if len(enc.input_ids) <= max_tokens:
             return min(len(text), max_tokens * 12) if len(enc.input_ids) else 0
         return enc.offset_mapping[max_tokens - 1][1] if max_tokens else 0
-
-
-# A sentence ends at . ! ? followed by space and a capital, digit or bracket; the sentence must end
-# in a word of two or more letters, so "1." of a list or "5." of a number does not end the answer.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
-_WORD_BEFORE_END = re.compile(r"[A-Za-z]{2}[)\]\"'\u201d\u2019]*[.!?]$")
-
-
-def short_answer(text: str) -> str:
-    """An open answer: the generated text's first sentence of three or more words, within its first
-    paragraph. A short answer first scores better against the gold spans in every mode (COVID-QA dev:
-    +0.02 token F1 each; README) and answers run about 18 words instead of 30; what a small model writes after a
-    blank line ("Question: ...", "Background: ...") is a made-up passage, never the answer."""
-    text = text.strip()
-    blank = text.find("\n\n")
-    text = text if blank < 0 else text[:blank].rstrip()
-    for match in _SENTENCE_END.finditer(text):
-        head = text[: match.start()].rstrip()
-        if len(head.split()) >= 3 and _WORD_BEFORE_END.search(head):
-            return head
-    return text
 
 
 def _char_spans(segments: list[SegmentInfo], token_starts: np.ndarray, n_chars: int) -> None:

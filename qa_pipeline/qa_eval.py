@@ -447,7 +447,14 @@ def evaluate_set(
                 ),
             }
             m["n_answered"] = len(answered)
-            m["n_repeats_8gram"] = sum(repeats_ngram(a, 8) for a in answered)
+            # Repetition is the generation's: the sentence the model wrote, of which the prediction
+            # is the short answer (records from before short answers have the prediction alone).
+            written = [
+                (records.get((row.row_id, mode)) or {}).get("sentence") or pr
+                for pr, st, row in zip(preds, status, rows, strict=True)
+                if st == "ok" and pr is not None
+            ]
+            m["n_repeats_8gram"] = sum(repeats_ngram(a, 8) for a in written)
             m["repeats_8gram"] = m["n_repeats_8gram"] / len(answered) if answered else None
         # Where the answer's supporting sentence lies in the gold evidence (rows with evidence only).
         supported = [

@@ -261,6 +261,16 @@ def test_answer_markdown_shows_confidence_and_the_supporting_sentence():
     assert "confidence" not in views.answer_markdown(_answer())
 
 
+def test_answer_markdown_shows_the_sentence_a_short_answer_came_from():
+    sentence = "The INR on day 3 was *2.4*."
+    md = views.answer_markdown(_answer(answer="2.4", sentence=sentence, confidence=0.5))
+    assert md.startswith("**confidence:** 0.50\n\n" r"**the model wrote:** “The INR on day 3 was \*2\.4\*\.”")
+    # Not when the answer is the whole sentence, nor when the answer abstained.
+    assert "model wrote" not in views.answer_markdown(_answer(answer="It was 2.4", sentence="It was 2.4."))
+    abstained = _answer(answer=NOT_IN_DOCUMENT, sentence=sentence, confidence=0.1, abstained=True)
+    assert "model wrote" not in views.answer_markdown(abstained)
+
+
 def test_batch_results_show_the_confidence():
     records = [
         {"row_id": "a", "prediction": "yes", "confidence": 0.8123, "abstained": False},

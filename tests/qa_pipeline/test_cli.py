@@ -114,6 +114,26 @@ def test_ask_text_says_when_the_model_abstains(store, capsys, monkeypatch):
     assert lines[1].startswith(low) and lines[1].endswith(")") and lines[1][len(low) : -1] in OPTIONS
 
 
+def test_ask_text_shows_the_sentence_a_short_answer_came_from(store, capsys, monkeypatch):
+    import dataclasses
+
+    from qa_pipeline.engine import Engine
+
+    real_ask = Engine.ask
+
+    def phrased(self, *args, **kwargs):
+        ans = real_ask(self, *args, **kwargs)
+        return dataclasses.replace(ans, answer="metformin", sentence="The drug  given was\nmetformin.")
+
+    monkeypatch.setattr(Engine, "ask", phrased)
+    rc, out, err = run(capsys, "ask", "Which drug was given?", "--store", str(store), "--doc", "trial", *MODEL)
+    assert rc == 0, err
+    assert out.splitlines()[:2] == [
+        "Answer (hmt+retrieval): metformin",
+        'The model wrote: "The drug given was metformin."',
+    ]
+
+
 def _blank_pdf(path: Path) -> None:
     from pypdf import PdfWriter
 

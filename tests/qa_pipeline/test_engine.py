@@ -584,18 +584,9 @@ def test_dense_index_is_built_outside_the_engine_lock(engine, tmp_path, monkeypa
     assert held == [False]
 
 
-def test_an_open_answer_is_its_first_sentence(engine, ingested, monkeypatch):
-    """A short answer first: the first sentence of three or more words, within the first paragraph
-    (what a small model writes after a blank line, "Question: ...", is a made-up passage)."""
-    from qa_pipeline.engine import short_answer
-
-    assert short_answer("  In December 2019.\n\nBackground: the virus") == "In December 2019."
-    assert short_answer("It was found in Wuhan. Later it spread to Europe.") == "It was found in Wuhan."
-    assert short_answer("One line\nand the next") == "One line\nand the next"
-    # Not sentence ends: a list's "1.", a number, a first sentence under three words.
-    assert short_answer("The doses were:\n1. Five mg. Then more.") == "The doses were:\n1. Five mg."
-    assert short_answer("Dose 5. Then 10 mg was given. Later less.") == "Dose 5. Then 10 mg was given."
-    assert short_answer("Yes. The trial showed it. And more.") == "Yes. The trial showed it."
+def test_an_open_answer_stops_at_its_first_sentence_and_answers_with_its_new_part(engine, ingested, monkeypatch):
+    """Generation stops when the first sentence ends (``answer_text.short_answer``); the answer is the
+    sentence's part that does not restate the question, the sentence is kept beside it."""
     vocab = engine.tokenizer
     script = vocab("It was in 2019 in Wuhan. Then it spread\n\nQuestion: when was", add_special_tokens=False).input_ids
     calls = []
@@ -608,8 +599,9 @@ def test_an_open_answer_is_its_first_sentence(engine, ingested, monkeypatch):
 
     monkeypatch.setattr(type(engine.model), "iter_generate", scripted)
     streamed = []
-    ans = engine.ask(ingested[0], "trial", "When?", mode="hmt", on_token=streamed.append, record=False)
-    assert ans.answer == "It was in 2019 in Wuhan." and streamed[-1] == ans.answer
+    ans = engine.ask(ingested[0], "trial", "Where was it in 2019?", mode="hmt", on_token=streamed.append, record=False)
+    assert ans.sentence == "It was in 2019 in Wuhan." and streamed[-1] == ans.sentence
+    assert ans.answer == "Wuhan" and ans.to_json()["sentence"] == ans.sentence
     assert len(calls) < len(script) - 5  # generation stopped once the next sentence began
     # The confidence reads the answer's own tokens: not the one that began the next sentence.
     n = len(vocab("It was in 2019 in Wuhan.", add_special_tokens=False).input_ids)

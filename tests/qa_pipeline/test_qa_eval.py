@@ -192,7 +192,8 @@ def test_evaluate_open_set():
         ("a", "hmt"): {"prediction": "fox"},  # best of the gold answers: F1("fox", "a fox") = 1
         ("b", "hmt"): {"prediction": "blue sky"},
         ("c", "hmt"): {"prediction": "the document", "abstained": True},  # F1 0 even though it overlaps
-        ("d", "hmt"): {"prediction": loop},
+        # Repetition is counted in the sentence the model wrote, not only in its short answer.
+        ("d", "hmt"): {"prediction": "seven eight", "sentence": loop},
     }
     res = evaluate_set(rows, recs, ["hmt"], resamples=100)
     assert (
