@@ -137,9 +137,8 @@ def support_markdown(answer: Answer) -> str | None:
 
 def sentence_markdown(answer: Answer) -> str | None:
     """The sentence the model wrote, when the short answer is only part of it."""
-    if not answer.sentence or answer.abstained or answer.sentence.rstrip(".") == answer.answer:
-        return None
-    return f"**the model wrote:** “{md_text(snippet(answer.sentence, 300))}”"
+    sentence = answer.fuller_sentence
+    return None if sentence is None else f"**the model wrote:** “{md_text(snippet(sentence, 300))}”"
 
 
 def answer_markdown(answer: Answer) -> str:

@@ -137,8 +137,8 @@ def cmd_ask(ns: argparse.Namespace) -> int:
 
     def text() -> str:
         lines = [f"Answer ({ans.mode}): {ans.answer}"]
-        if ans.sentence and not ans.abstained and ans.sentence.rstrip(".") != ans.answer:
-            lines.append(f'The model wrote: "{" ".join(ans.sentence.split())}"')
+        if ans.fuller_sentence:
+            lines.append(f'The model wrote: "{" ".join(ans.fuller_sentence.split())}"')
         if ans.confidence is not None:
             line = f"Confidence: {ans.confidence:.2f}"
             if ans.abstained:

@@ -125,6 +125,13 @@ class Answer:
     option_logprobs: list[float] | None = field(default=None, repr=False)
     decision_state: np.ndarray | None = field(default=None, repr=False)
 
+    @property
+    def fuller_sentence(self) -> str | None:
+        """The sentence the model wrote, when the answer shown is only part of it (else None)."""
+        if not self.sentence or self.abstained or self.sentence.rstrip(".") == self.answer:
+            return None
+        return self.sentence
+
     def to_json(self, with_query: bool = False) -> dict:
         data = asdict(self)
         if not with_query:
@@ -542,12 +549,12 @@ class Engine:
             if mode == "hmt+retrieval":
                 # The passages the recall chose go in as text, in the answering segment itself (wider
                 # than L), so the memory token that answers is recalled by the same query.
-                context = self._context(text, evidence[: self.config.retrieval_segments])
+                context = self._context(text, evidence[: self.prompt_passages(mode)])
                 prompt_ids = self._encode_prompt(question, options, context)
         elif mode == "dense-rag":
             model = self.plain
             evidence = self._dense_evidence(store, doc_id, text, question, version)
-            context = self._context(text, evidence[: self.config.dense_k])
+            context = self._context(text, evidence[: self.prompt_passages(mode)])
             prompt_ids = self._encode_prompt(question, options, context)
         else:
             model = self.plain
@@ -609,6 +616,12 @@ class Engine:
         if record and store.writable:
             store.add_answer(doc_id, question, mode, result.to_json())
         return result
+
+    def prompt_passages(self, mode: str) -> int:
+        """How many of an answer's evidence passages (best first) ``ask`` puts into the prompt as text:
+        none in ``hmt``, the document window in ``none``."""
+        cfg = self.config
+        return {"hmt": 0, "hmt+retrieval": cfg.retrieval_segments, "dense-rag": cfg.dense_k, "none": 1}[mode]
 
     def _respond(
         self, model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start, recall_ids

@@ -465,9 +465,25 @@ def evaluate_set(
             if rec.get("support")
         ]
         m["support_in_evidence"] = sum(supported) / len(supported) if supported else None
+        if not closed:
+            m["gold_in_prompt"] = _gold_in_prompt(rows, records, mode)
         m["n_support"] = len(supported)
         result["modes"][mode] = m
     return result
+
+
+def _gold_in_prompt(rows: Sequence[QARow], records: Mapping, mode: str) -> float | None:
+    """Share of rows whose gold answer span lies inside the passages put into the prompt as text
+    (``prompt_passages`` of the record's ranked evidence); None when the mode puts in no text."""
+    inside = []
+    for row in rows:
+        rec = records.get((row.row_id, mode)) or {}
+        k = rec.get("prompt_passages")
+        if not k or not row.evidence or rec.get("error"):
+            continue
+        spans = rec.get("evidence_ranked") or []
+        inside.append(any(s <= gs and ge <= e for s, e in spans[:k] for gs, ge in row.evidence))
+    return sum(inside) / len(inside) if inside else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -591,6 +607,8 @@ def format_markdown(result: Mapping[str, Any]) -> str:
             else:
                 r = m.get("repeats_8gram")
                 answers = f"8-gram repeats {'–' if r is None else f'{100 * r:.0f}%'}"
+            if m.get("gold_in_prompt") is not None:
+                answers += f"; gold answer in the prompt's text {100 * m['gold_in_prompt']:.0f}%"
             if m.get("support_in_evidence") is not None:
                 answers += f"; support in gold evidence {100 * m['support_in_evidence']:.0f}%"
             rate = m.get("abstention_rate")

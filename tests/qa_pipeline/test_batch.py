@@ -76,6 +76,9 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
         if rec["options"]:
             assert rec["prediction"] in OPTIONS and set(rec["option_scores"]) == set(OPTIONS)
         assert rec["evidence_ranked"] and all(s < e for s, e in rec["evidence_ranked"])
+        # How many of them the prompt held as text: none in hmt, the document window in none.
+        assert rec["prompt_passages"] == {"hmt": 0, "hmt+retrieval": 3, "dense-rag": 4, "none": 1}[rec["mode"]]
+        assert (rec["sentence"] is None) == bool(rec["options"])
         assert 0 <= rec["confidence"] <= 1 and rec["abstained"] is False  # no checkpoint: no threshold
         # The supporting sentence lies inside one of the answer's evidence passages.
         s0, e0 = rec["support"]
