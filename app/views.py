@@ -43,6 +43,8 @@ def evidence_label(rank: int, ev: Evidence, mode: str) -> str:
         return f"read by the model (first {ev.char_end:,} characters)"
     if mode == "dense-rag":
         return f"#{rank} chunk {ev.segment} · similarity {ev.weight:.2f}"
+    if ev.passage:
+        return f"#{rank} passage of segment {ev.segment} · recall weight {ev.weight:.2f}"
     return f"#{rank} segment {ev.segment} · recall weight {ev.weight:.2f}"
 
 

@@ -58,6 +58,10 @@ class SegmentRecord:
     recall_weights: torch.Tensor | None  # (B, n) float32 weights over the cache before this segment
     recall_segment_ids: torch.Tensor | None  # (B, n) which segment wrote each recalled memory
     valid: torch.Tensor  # (B,) bool: the sequence had tokens in this segment
+    # (B, P, d) means of H over runs of ``passage_length`` tokens, and (B, P) their real-token counts:
+    # finer units than the segment that the recall head can score like memories (``read_segments``).
+    passage_contents: torch.Tensor | None = None
+    passage_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -302,7 +306,12 @@ class HMTModel(nn.Module):
         return state, key
 
     def _segment_step(
-        self, seg_ids: torch.Tensor, seg_mask: torch.Tensor, summary: torch.Tensor | None, state: MemoryState
+        self,
+        seg_ids: torch.Tensor,
+        seg_mask: torch.Tensor,
+        summary: torch.Tensor | None,
+        state: MemoryState,
+        passage_length: int | None = None,
     ) -> tuple[torch.Tensor, MemoryState, SegmentRecord]:
         length = seg_ids.shape[1]
         memory_token, weights = self._memory_token(summary, state)
@@ -333,6 +342,10 @@ class HMTModel(nn.Module):
             recall_segment_ids=recall_ids,
             valid=seg_mask.bool().any(dim=1),
         )
+        if passage_length and content is not None:
+            record.passage_contents, record.passage_tokens = _run_means(
+                hidden[:, offset : offset + length], seg_mask, passage_length
+            )
         return hidden[:, offset : offset + length], state, record
 
     # ------------------------------------------------------------------ forward
@@ -347,6 +360,7 @@ class HMTModel(nn.Module):
         summary_mask: torch.Tensor | None = None,
         query_ids: torch.Tensor | None = None,
         query_mask: torch.Tensor | None = None,
+        passage_length: int | None = None,
     ) -> HMTOutput:
         """Read ``input_ids`` (B, T) segment by segment.
 
@@ -363,6 +377,8 @@ class HMTModel(nn.Module):
                 time the query is made from the question alone. None: the attention mask.
             query_ids, query_mask: (B, q) tokens that make the first segment's recall query instead of
                 its own first tokens, e.g. the question alone before its chat prompt and answer.
+            passage_length: also pool each segment's states over runs of this many tokens
+                (``SegmentRecord.passage_contents``; mode hmt with records only).
 
         Returns:
             HMTOutput with loss (mean over labelled tokens), logits, the memory state after the last
@@ -395,7 +411,7 @@ class HMTModel(nn.Module):
                     state.keys = self.recall.keys(sources)
             summary = summaries[:, i] if summaries is not None else None
             hidden, state, record = self._segment_step(
-                input_ids[:, start:end], mask[:, start:end], summary, state
+                input_ids[:, start:end], mask[:, start:end], summary, state, passage_length
             )
             if labels is not None:
                 target = labels[:, start + 1 : end + 1]
@@ -425,14 +441,21 @@ class HMTModel(nn.Module):
         input_ids: torch.Tensor,
         memory_state: MemoryState | None = None,
         attention_mask: torch.Tensor | None = None,
+        passage_length: int | None = None,
     ) -> tuple[list[SegmentRecord], MemoryState]:
         """Streaming ingestion: feed one block of segments, get its records and the new state.
 
         Feeding a document block by block equals one forward over it when every block but the last
         is a whole number of segments. Memory use is bounded by N cached memories, not the document.
+        ``passage_length``: records also carry pooled states of passages that long (see ``forward``).
         """
         out = self.forward(
-            input_ids, attention_mask, memory_state=memory_state, return_logits=False, return_records=True
+            input_ids,
+            attention_mask,
+            memory_state=memory_state,
+            return_logits=False,
+            return_records=True,
+            passage_length=passage_length,
         )
         return out.records, out.memory_state
 
@@ -831,6 +854,18 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(torch.float32)[..., None]
     pooled = (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     return pooled.to(hidden.dtype)
+
+
+def _run_means(hidden: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means over consecutive runs of ``width`` positions: (B, t, d) -> (B, ceil(t / width), d), with
+    each run's count of real tokens (B, P); a run of padding only is all zeros with count 0."""
+    b, t, d = hidden.shape
+    runs = -(-t // width)
+    pad = runs * width - t
+    weights = F.pad(mask.to(torch.float32), (0, pad)).view(b, runs, width)
+    sums = (F.pad(hidden.float(), (0, 0, 0, pad)).view(b, runs, width, d) * weights[..., None]).sum(dim=2)
+    counts = weights.sum(dim=2)
+    return (sums / counts.clamp_min(1.0)[..., None]).to(hidden.dtype), counts.long()
 
 
 def _ones_if_none(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:

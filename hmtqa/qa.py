@@ -24,6 +24,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--full-context-tokens", type=int, default=defaults.full_context_tokens,
                        help="window of mode 'none'")
     group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    group.add_argument("--passage-tokens", type=int, default=defaults.passage_tokens,
+                       help="open questions in hmt+retrieval: the prompt holds the recalled passages of this "
+                       "many tokens (set when a document is ingested; 0: whole segments)")
     group.add_argument("--no-repeat-ngram", type=int, default=defaults.no_repeat_ngram,
                        help="open answers never repeat a run of this many tokens (0: off)")
     group.add_argument(
@@ -47,7 +50,7 @@ def _engine(ns: argparse.Namespace):
                 backbone=ns.backbone, checkpoint=checkpoint, dtype=ns.dtype, device=ns.device,
                 full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
                 calibrate_options=ns.calibrate_options, no_repeat_ngram=ns.no_repeat_ngram,
-                decision_heads=ns.decision_heads,
+                decision_heads=ns.decision_heads, passage_tokens=ns.passage_tokens,
             )
         )
     except (ValueError, OSError, RuntimeError) as err:  # bad --dtype/--device, checkpoint of another width
@@ -156,7 +159,8 @@ def cmd_ask(ns: argparse.Namespace) -> int:
         lines.append("Evidence:")
         for e in ans.evidence:
             snippet = " ".join(e.snippet.split())[:160]
-            lines.append(f"  [seg {e.segment}] chars {e.char_start}-{e.char_end} weight {e.weight:.3f}: {snippet}")
+            where = f"seg {e.segment} passage" if e.passage else f"seg {e.segment}"
+            lines.append(f"  [{where}] chars {e.char_start}-{e.char_end} weight {e.weight:.3f}: {snippet}")
         t = ans.timings
         lines.append(f"Time: recall {t['recall_s']:.2f}s, first token {t['first_token_s']:.2f}s, total {t['total_s']:.2f}s")
         return "\n".join(lines)

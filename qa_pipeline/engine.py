@@ -41,6 +41,7 @@ DEFAULT_MODE = "hmt+retrieval"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-hmt"
 
+_DOC_CACHE = 16  # documents' arrays kept in memory (memories and passages count apart)
 ProgressFn = Callable[[int, int, float], None]  # (segments done, segments total, tokens/s)
 
 
@@ -67,6 +68,12 @@ class EngineConfig:
     block_segments: int = 16  # segments fed to the model per streaming step while ingesting
     evidence_k: int = 5  # evidence segments returned with an answer
     retrieval_segments: int = 3  # raw segments put into the prompt in mode hmt+retrieval
+    # Open questions in mode hmt+retrieval: the prompt's text is the passages of this many tokens that the
+    # recall head scores highest, ``retrieval_segments * segment_length`` tokens in all, instead of whole
+    # segments. A passage's key is made as a segment's is (its pooled states through W_k), so the
+    # same head ranks them; 128 = the summary pass's j. 0: whole recalled segments (closed questions
+    # always, since the decision heads were fitted on that prompt).
+    passage_tokens: int = 128
     dense_k: int = 4  # chunks put into the prompt in mode dense-rag
     dense_chunk_chars: int = 800
     dense_model: str = "all-minilm-l6-v2"
@@ -93,6 +100,7 @@ class Evidence:
     char_end: int
     weight: float  # recall weight (hmt modes) or cosine similarity (dense-rag)
     snippet: str
+    passage: bool = False  # a passage of ``segment`` ranked by the recall head, not the whole segment
 
 
 NOT_IN_DOCUMENT = "The document does not seem to say."
@@ -119,6 +127,9 @@ class Answer:
     # Open questions: the sentence the model wrote; ``answer`` is its short answer, the part that does
     # not restate the question (``answer_text.answer_phrase``).
     sentence: str | None = None
+    # How many of ``evidence`` (best first) went into the prompt as text: 0 in mode hmt, the document
+    # window in mode none.
+    prompt_passages: int = 0
     query: list[float] | None = field(default=None, repr=False)  # the recall query q, for plots
     # Closed questions: each option's log-likelihood and the state the decision is read from (the
     # decision head's inputs; kept out of the JSON record).
@@ -291,12 +302,13 @@ class Engine:
         L = self.model.config.segment_length
         total = math.ceil(n_tokens / L)
         block = self.config.block_segments * L
-        summaries, memories, keys, segments = [], [], [], []
+        summaries, memories, keys, segments, passages = [], [], [], [], []
+        width = self.config.passage_tokens or None
         state = self.model.init_memory(1)
         tokenize_s = time.perf_counter() - start
         with torch.inference_mode():
             for pos in range(0, n_tokens, block):
-                records, state = self.model.read_segments(ids[:, pos : pos + block], state)
+                records, state = self.model.read_segments(ids[:, pos : pos + block], state, passage_length=width)
                 # .copy(): in float32 .float() is a no-op and a numpy view would keep the segment's whole
                 # hidden states alive (r.memory is a view of the main pass's output).
                 for r in records:
@@ -304,12 +316,24 @@ class Engine:
                     memories.append(r.memory[0].float().cpu().numpy().copy())
                     keys.append(r.recall_key[0].float().cpu().numpy().copy())
                     segments.append(SegmentInfo(document.doc_id, r.index, r.token_start, r.token_end, 0, 0))
+                    if r.passage_contents is not None:
+                        passages.append(
+                            (self.model.recall.keys(r.passage_contents[0]).float().cpu().numpy(), r.passage_tokens[0])
+                        )
                 if progress is not None:
                     elapsed = time.perf_counter() - start
                     progress(len(segments), total, min(pos + block, n_tokens) / max(elapsed, 1e-9))
         read_s = time.perf_counter() - start - tokenize_s
         _char_spans(segments, token_starts, len(document.text))
         k = self.model.config.sensory_length
+        arrays = {
+            "summary": np.stack(summaries),
+            "memory": np.stack(memories),
+            "recall_key": np.stack(keys),
+            "state.sensory_ids": token_ids[-k:] if k else token_ids[:0],
+        }
+        if passages:
+            arrays.update(_passage_arrays(passages, segments, token_starts, width))
         metadata = dict(document.metadata)
         metadata["sections"] = [asdict(s) for s in document.sections]
         info = store.add_document(
@@ -319,12 +343,7 @@ class Engine:
             text=document.text,
             metadata=metadata,
             segments=segments,
-            arrays={
-                "summary": np.stack(summaries),
-                "memory": np.stack(memories),
-                "recall_key": np.stack(keys),
-                "state.sensory_ids": token_ids[-k:] if k else token_ids[:0],
-            },
+            arrays=arrays,
             replace=replace,
             n_tokens=n_tokens,
         )
@@ -405,7 +424,7 @@ class Engine:
         with self._lock:
             if key not in self._doc_arrays:
                 self._doc_arrays[key] = store.arrays(doc_id, ["memory", "recall_key", "state.sensory_ids"])
-                while len(self._doc_arrays) > 8:
+                while len(self._doc_arrays) > _DOC_CACHE:
                     self._doc_arrays.popitem(last=False)
             self._doc_arrays.move_to_end(key)
             return self._doc_arrays[key]
@@ -540,21 +559,26 @@ class Engine:
         start = time.perf_counter()
         text = store.get_text(doc_id)
         version = (info.version,)
-        recall, query, state, evidence = [], None, None, []
+        recall, query, state, evidence, in_prompt = [], None, None, [], 0
         model, prompt_ids = self.model, question_ids
         recall_ids = self._recall_ids(question)
         if mode in ("hmt", "hmt+retrieval"):
             state, recall, query = self._memory_for(store, doc_id, recall_ids, version)
             evidence = self._segment_evidence(store, doc_id, text, recall, self.config.evidence_k)
             if mode == "hmt+retrieval":
+                in_prompt = self.config.retrieval_segments
+                passages = None if options else self._passage_evidence(store, doc_id, text, query, version)
+                if passages is not None:
+                    evidence, in_prompt = passages
                 # The passages the recall chose go in as text, in the answering segment itself (wider
                 # than L), so the memory token that answers is recalled by the same query.
-                context = self._context(text, evidence[: self.prompt_passages(mode)])
+                context = self._context(text, evidence[:in_prompt])
                 prompt_ids = self._encode_prompt(question, options, context)
         elif mode == "dense-rag":
             model = self.plain
             evidence = self._dense_evidence(store, doc_id, text, question, version)
-            context = self._context(text, evidence[: self.prompt_passages(mode)])
+            in_prompt = self.config.dense_k
+            context = self._context(text, evidence[:in_prompt])
             prompt_ids = self._encode_prompt(question, options, context)
         else:
             model = self.plain
@@ -570,7 +594,7 @@ class Engine:
                     f"{self.config.full_context_tokens} is used up by the question and the answer; raise it"
                 )
             window_end = self._prefix_chars(text, budget)
-            evidence = [Evidence(-1, 0, window_end, 1.0, text[:300])]
+            evidence, in_prompt = [Evidence(-1, 0, window_end, 1.0, text[:300])], 1
             prompt_ids = self._encode_prompt(question, options, text[:window_end])
         recall_s = time.perf_counter() - start
         response = self._respond(
@@ -609,6 +633,7 @@ class Engine:
             abstained=abstained,
             support=supporting_sentence(text, evidence, response.answer, question),
             sentence=sentence,
+            prompt_passages=in_prompt,
             query=query,
             option_logprobs=response.option_logprobs,
             decision_state=response.decision_state,
@@ -616,12 +641,6 @@ class Engine:
         if record and store.writable:
             store.add_answer(doc_id, question, mode, result.to_json())
         return result
-
-    def prompt_passages(self, mode: str) -> int:
-        """How many of an answer's evidence passages (best first) ``ask`` puts into the prompt as text:
-        none in ``hmt``, the document window in ``none``."""
-        cfg = self.config
-        return {"hmt": 0, "hmt+retrieval": cfg.retrieval_segments, "dense-rag": cfg.dense_k, "none": 1}[mode]
 
     def _respond(
         self, model, prompt_ids, question_ids, state, options, max_new_tokens, on_token, start, recall_ids
@@ -705,6 +724,55 @@ class Engine:
             out.append(Evidence(idx, s.char_start, s.char_end, weight, text[s.char_start : s.char_end][:400]))
         return out
 
+    def _passage_evidence(
+        self, store: MemoryStore, doc_id: str, text: str, query: list[float], version: tuple = ()
+    ) -> tuple[list[Evidence], int] | None:
+        """Passages ranked by the recall head, best first, and how many fill the prompt's budget
+        (``retrieval_segments * segment_length`` tokens); None when the document has no passage keys
+        (ingested with ``passage_tokens=0``, or by an older version) or passages are off.
+
+        A passage's weight is its share of the recall head's softmax over all the document's
+        passages: the weight recall would give it if passages were the memories.
+        """
+        if not self.config.passage_tokens:
+            return None
+        arrays = self._passage_arrays(store, doc_id, version)
+        if arrays is None:
+            return None
+        tokens = arrays["passage_tokens"].reshape(-1)
+        real = np.flatnonzero(tokens > 0)
+        keys = arrays["passage_key"].reshape(-1, arrays["passage_key"].shape[-1])[real]
+        logits = (keys @ np.asarray(query, dtype=np.float32)) * self.recall_scale
+        weights = np.zeros(tokens.shape, dtype=np.float64)
+        weights[real] = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        per_segment = arrays["passage_tokens"].shape[1]
+        spans = arrays["passage_chars"].reshape(-1, 2)
+        budget = self.config.retrieval_segments * self.model.config.segment_length
+        order = real[np.argsort(-logits, kind="stable")]
+        # The best passages while their tokens fit the budget (at least one).
+        in_prompt = max(1, int((np.cumsum(tokens[order]) <= budget).sum()))
+        evidence = []
+        for flat in order[: max(in_prompt, self.config.evidence_k)].tolist():
+            start, end = (int(c) for c in spans[flat])
+            snippet = text[start:end][:400]
+            evidence.append(Evidence(flat // per_segment, start, end, float(weights[flat]), snippet, passage=True))
+        return evidence, in_prompt
+
+    def _passage_arrays(self, store: MemoryStore, doc_id: str, version: tuple = ()) -> dict | None:
+        key = (str(store.root), doc_id, *version, "passages")
+        with self._lock:
+            if key not in self._doc_arrays:
+                try:
+                    found = store.arrays(doc_id, ["passage_key", "passage_tokens", "passage_chars"])
+                except KeyError:
+                    found = None
+                self._doc_arrays[key] = found
+                while len(self._doc_arrays) > _DOC_CACHE:
+                    self._doc_arrays.popitem(last=False)
+            self._doc_arrays.move_to_end(key)
+            return self._doc_arrays[key]
+
     def _dense_evidence(
         self, store: MemoryStore, doc_id: str, text: str, question: str, version: tuple = ()
     ) -> list[Evidence]:
@@ -734,9 +802,16 @@ class Engine:
 
     @staticmethod
     def _context(text: str, evidence: list[Evidence]) -> str:
-        """Raw text of the evidence passages, in document order."""
-        ordered = sorted(evidence, key=lambda e: e.char_start)
-        return "\n...\n".join(text[e.char_start : e.char_end].strip() for e in ordered)
+        """Raw text of the evidence passages, in document order. Passages that touch are one piece of
+        text (a passage ends after a fixed count of tokens, often mid-sentence); whole segments stay
+        apart, as the decision heads were fitted on that prompt."""
+        pieces: list[list] = []
+        for e in sorted(evidence, key=lambda e: e.char_start):
+            if pieces and e.passage and pieces[-1][2] and e.char_start <= pieces[-1][1]:
+                pieces[-1][1] = max(pieces[-1][1], e.char_end)
+            else:
+                pieces.append([e.char_start, e.char_end, e.passage])
+        return "\n...\n".join(text[start:end].strip() for start, end, _ in pieces)
 
     def _prefix_chars(self, text: str, max_tokens: int) -> int:
         """Characters of ``text`` that fit in ``max_tokens`` tokens."""
@@ -762,6 +837,25 @@ def _char_spans(segments: list[SegmentInfo], token_starts: np.ndarray, n_chars: 
         else:
             bound = n_chars
         seg.char_end = bound
+
+
+def _passage_arrays(
+    passages: list[tuple[np.ndarray, torch.Tensor]], segments: list[SegmentInfo], token_starts: np.ndarray, width: int
+) -> dict[str, np.ndarray]:
+    """Per-segment passage arrays for the store: recall keys (n, P, d_h), real tokens (n, P) and
+    character spans (n, P, 2), P = passages in a full segment; a short last segment's extra rows are
+    zero with 0 tokens. Spans tile each segment's span, with boundaries where a passage's first token starts."""
+    runs = max(k.shape[0] for k, _ in passages)
+    keys = np.zeros((len(passages), runs, passages[0][0].shape[1]), dtype=np.float32)
+    tokens = np.zeros((len(passages), runs), dtype=np.int64)
+    chars = np.zeros((len(passages), runs, 2), dtype=np.int64)
+    for i, ((key, count), seg) in enumerate(zip(passages, segments, strict=True)):
+        n = int((count > 0).sum())
+        keys[i, :n], tokens[i, :n] = key[:n], count[:n].cpu().numpy()
+        starts = [seg.char_start] + [int(token_starts[seg.token_start + j * width]) for j in range(1, n)]
+        chars[i, :n, 0] = starts
+        chars[i, :n, 1] = starts[1:] + [seg.char_end]
+    return {"passage_key": keys, "passage_tokens": tokens, "passage_chars": chars}
 
 
 def _checkpoint_id(path: Path) -> str:

@@ -472,6 +472,17 @@ def evaluate_set(
     return result
 
 
+def merge_spans(spans: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Character spans in order with those that overlap or touch joined."""
+    out: list[list[int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(s, e) for s, e in out]
+
+
 def _gold_in_prompt(rows: Sequence[QARow], records: Mapping, mode: str) -> float | None:
     """Share of rows whose gold answer span lies inside the passages put into the prompt as text
     (``prompt_passages`` of the record's ranked evidence); None when the mode puts in no text."""
@@ -481,8 +492,8 @@ def _gold_in_prompt(rows: Sequence[QARow], records: Mapping, mode: str) -> float
         k = rec.get("prompt_passages")
         if not k or not row.evidence or rec.get("error"):
             continue
-        spans = rec.get("evidence_ranked") or []
-        inside.append(any(s <= gs and ge <= e for s, e in spans[:k] for gs, ge in row.evidence))
+        spans = merge_spans(rec.get("evidence_ranked", [])[:k])  # passages that touch are one text
+        inside.append(any(s <= gs and ge <= e for s, e in spans for gs, ge in row.evidence))
     return sum(inside) / len(inside) if inside else None
 
 

@@ -259,6 +259,32 @@ def test_streaming_equals_one_shot():
     assert_close(last.memory_state.memories, full.memory_state.memories, rtol=1e-5, atol=1e-5)
 
 
+def test_passage_contents_pool_the_segment_in_runs():
+    """Passages are runs of ``passage_length`` tokens: a run as long as the segment is its content, and
+    the token-weighted mean of a segment's passages is its content; padding counts for nothing."""
+    model = make("hmt")
+    x = torch.zeros(2, 3 * L, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    x[0], mask[0] = ids(1, 3 * L, seed=4)[0], 1
+    x[1, : 2 * L + 3], mask[1, : 2 * L + 3] = ids(1, 2 * L + 3, seed=5)[0], 1
+    with torch.no_grad():
+        whole = model(x, attention_mask=mask, return_records=True, passage_length=L).records
+        runs = model(x, attention_mask=mask, return_records=True, passage_length=6).records
+        plain = model(x, attention_mask=mask, return_records=True).records
+    assert all(r.passage_contents is None for r in plain)
+    for w, r in zip(whole, runs, strict=True):
+        assert w.passage_contents.shape == (2, 1, WIDTH) and r.passage_contents.shape == (2, 3, WIDTH)
+        assert_close(w.passage_contents[:, 0], w.content, rtol=1e-5, atol=1e-5)
+        assert r.passage_tokens[0].tolist() == [6, 6, 4]
+        counts = r.passage_tokens.float()[..., None]
+        pooled = (r.passage_contents * counts).sum(dim=1) / counts.sum(dim=1).clamp_min(1)
+        assert_close(pooled[0], r.content[0], rtol=1e-5, atol=1e-5)
+    # The padded row: its last segment has 3 real tokens, all in the first passage.
+    assert runs[2].passage_tokens[1].tolist() == [3, 0, 0]
+    assert_close(runs[2].passage_contents[1, 0], runs[2].content[1], rtol=1e-5, atol=1e-5)
+    assert not runs[2].passage_contents[1, 1:].any()
+
+
 def test_cache_is_fifo_and_bounded():
     model = make("hmt")  # num_cached = 8
     with torch.no_grad():
