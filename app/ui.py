@@ -52,7 +52,8 @@ synthetic clinical notes.
 
 MEMORY_HELP = """
 What the model remembers about the selected document and what the last question recalled.
-**Recall weights**: how much the question's memory token draws on each segment (orange: evidence).
+**Recall weights**: how much the question's memory token draws on each segment (orange: evidence; for
+an open question in `hmt+retrieval` the evidence is the recalled passages, so orange marks their segments).
 **Recall distance**: how many segments back the recalled memories lie (paper fig. 11).
 **PCA**: the memory embeddings and recall keys in 2-D, coloured by position; the star is the
 question's query, so keys near it are recalled most. **Search** ranks segments for any text with

@@ -134,6 +134,14 @@ def test_evidence_highlights_cover_the_text_once():
     assert sum(len(p) for p, label in pieces if label and label.startswith("#3")) == step
 
 
+def test_evidence_labels_say_which_unit_ranked_it():
+    ev = Evidence(4, 0, 10, 0.25, "")
+    assert views.evidence_label(1, ev, "hmt+retrieval") == "#1 segment 4 · recall weight 0.25"
+    passage = Evidence(4, 0, 10, 0.25, "", passage=True)
+    assert views.evidence_label(2, passage, "hmt+retrieval") == "#2 passage of segment 4 · recall weight 0.25"
+    assert views.evidence_label(1, Evidence(7, 0, 10, 0.61, ""), "dense-rag") == "#1 chunk 7 · similarity 0.61"
+
+
 def test_long_documents_are_cut_to_the_evidence():
     text = "x" * 100_000
     pieces, _ = views.evidence_highlights(text, [Evidence(0, 50_000, 51_000, 1.0, "")], "hmt")

@@ -132,6 +132,9 @@ def test_ask_text_shows_the_sentence_a_short_answer_came_from(store, capsys, mon
         "Answer (hmt+retrieval): metformin",
         'The model wrote: "The drug given was metformin."',
     ]
+    # An open question's evidence in hmt+retrieval: the passages the recall head ranked, each named.
+    evidence = out.split("Evidence:\n", 1)[1].splitlines()
+    assert evidence[0].startswith("  [seg ") and " passage] chars " in evidence[0]
 
 
 def _blank_pdf(path: Path) -> None:
