@@ -123,9 +123,8 @@ def confidence_markdown(answer: Answer) -> str | None:
     if not answer.abstained:
         return f"**confidence:** {answer.confidence:.2f}"
     line = f"**low confidence: the document does not seem to say** (confidence {answer.confidence:.2f})"
-    if answer.option_scores:
-        guess = max(answer.option_scores, key=answer.option_scores.get)
-        line += f" · the model's best guess: “{md_text(snippet(guess, 80))}”"
+    if answer.best_guess:
+        line += f" · the model's best guess: “{md_text(snippet(answer.best_guess, 80))}”"
     return line
 
 

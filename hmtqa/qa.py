@@ -146,8 +146,8 @@ def cmd_ask(ns: argparse.Namespace) -> int:
             line = f"Confidence: {ans.confidence:.2f}"
             if ans.abstained:
                 line += " (low: the document does not seem to say"
-                if ans.option_scores:
-                    line += f"; best guess: {max(ans.option_scores, key=ans.option_scores.get)}"
+                if ans.best_guess:
+                    line += f"; best guess: {' '.join(ans.best_guess.split())}"
                 line += ")"
             lines.append(line)
         if ans.option_scores:

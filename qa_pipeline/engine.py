@@ -143,6 +143,16 @@ class Answer:
             return None
         return self.sentence
 
+    @property
+    def best_guess(self) -> str | None:
+        """When the answer abstained: what the model would have said (its option, or the short answer
+        of the sentence it wrote); else None."""
+        if not self.abstained:
+            return None
+        if self.option_scores:
+            return max(self.option_scores, key=self.option_scores.get)
+        return answer_phrase(self.sentence, self.question) if self.sentence else None
+
     def to_json(self, with_query: bool = False) -> dict:
         data = asdict(self)
         if not with_query:

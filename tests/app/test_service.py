@@ -263,9 +263,13 @@ def test_answer_markdown_shows_confidence_and_the_supporting_sentence():
     md = views.answer_markdown(abstained)
     assert "**low confidence: the document does not seem to say** (confidence 0.21)" in md
     assert "best guess: “no”" in md and "supporting sentence" not in md
-    # An open question that abstained has no best guess to show; no confidence, no line.
-    open_abstained = _answer(answer=NOT_IN_DOCUMENT, confidence=0.1, abstained=True)
-    assert "best guess" not in views.answer_markdown(open_abstained)
+    # An open question that abstained shows the short answer of the sentence the model wrote.
+    sentence = "The INR was 2.4 on day 3."
+    open_abstained = _answer(
+        question="What was the INR?", answer=NOT_IN_DOCUMENT, confidence=0.1, abstained=True, sentence=sentence
+    )
+    assert "best guess: “2\\.4 on day 3”" in views.answer_markdown(open_abstained)
+    assert "best guess" not in views.answer_markdown(_answer(answer=NOT_IN_DOCUMENT, confidence=0.1, abstained=True))
     assert "confidence" not in views.answer_markdown(_answer())
 
 

@@ -137,6 +137,28 @@ def test_ask_text_shows_the_sentence_a_short_answer_came_from(store, capsys, mon
     assert evidence[0].startswith("  [seg ") and " passage] chars " in evidence[0]
 
 
+def test_ask_text_shows_an_abstained_open_answers_best_guess(store, capsys, monkeypatch):
+    import dataclasses
+
+    from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine
+
+    real_ask = Engine.ask
+
+    def abstained(self, *args, **kwargs):
+        ans = real_ask(self, *args, **kwargs)
+        return dataclasses.replace(
+            ans, answer=NOT_IN_DOCUMENT, abstained=True, confidence=0.3, sentence="The drug given was\nmetformin."
+        )
+
+    monkeypatch.setattr(Engine, "ask", abstained)
+    rc, out, err = run(capsys, "ask", "Which drug was given?", "--store", str(store), "--doc", "trial", *MODEL)
+    assert rc == 0, err
+    assert out.splitlines()[:2] == [
+        f"Answer (hmt+retrieval): {NOT_IN_DOCUMENT}",
+        "Confidence: 0.30 (low: the document does not seem to say; best guess: metformin)",
+    ]
+
+
 def _blank_pdf(path: Path) -> None:
     from pypdf import PdfWriter
 
