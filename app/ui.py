@@ -28,7 +28,7 @@ from .settings import AppSettings
 logger = logging.getLogger(__name__)
 
 MODE_HELP = (
-    "hmt: memory only · hmt+retrieval: memory + the recalled segments' text · "
+    "hmt: memory only · hmt+retrieval: memory + the recalled passages' text · "
     "dense-rag: MiniLM retrieval baseline · none: the model reads the start of the document"
 )
 
@@ -452,7 +452,7 @@ class QAApp:
                             )
                             share_status = gr.Markdown(label="status")
                     evidence = gr.HighlightedText(
-                        label="Evidence over the document text: the segments the answer drew on, ranked, and its supporting sentence",
+                        label="Evidence over the document text: the segments or passages the answer drew on, ranked, and its supporting sentence",
                         elem_id="evidence",
                         show_legend=True,  # inline labels would repeat after every paragraph
                         combine_adjacent=False,
