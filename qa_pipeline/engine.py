@@ -28,6 +28,7 @@ from hmt import DEFAULT_BACKBONE, HMTConfig, HMTModel, load_backbone, resolve_dt
 from .answer_text import answer_phrase, short_answer
 from .decision import DecisionHeads
 from .documents import Document
+from .metrics import merge_spans
 from .prompts import option_text, prompt_frame, question_text
 from .store import DocumentExists, DocumentInfo, MemoryStore, SegmentInfo, StoreMismatch
 from .support import Support, open_confidence, supporting_sentence
@@ -428,16 +429,22 @@ class Engine:
         return n
 
     # ------------------------------------------------------------------ answering
-    def _arrays(self, store: MemoryStore, doc_id: str, version: tuple = ()) -> dict:
-        # ``version`` changes when the document is replaced (also by another process).
-        key = (str(store.root), doc_id, *version)
+    def _cached(self, key: tuple, load: Callable[[], dict | None]) -> dict | None:
+        """A document's arrays from the engine's small LRU cache, loaded on a miss."""
         with self._lock:
             if key not in self._doc_arrays:
-                self._doc_arrays[key] = store.arrays(doc_id, ["memory", "recall_key", "state.sensory_ids"])
+                self._doc_arrays[key] = load()
                 while len(self._doc_arrays) > _DOC_CACHE:
                     self._doc_arrays.popitem(last=False)
             self._doc_arrays.move_to_end(key)
             return self._doc_arrays[key]
+
+    def _arrays(self, store: MemoryStore, doc_id: str, version: tuple = ()) -> dict:
+        # ``version`` changes when the document is replaced (also by another process).
+        return self._cached(
+            (str(store.root), doc_id, *version),
+            lambda: store.arrays(doc_id, ["memory", "recall_key", "state.sensory_ids"]),
+        )
 
     def _recall_ids(self, question: str) -> torch.Tensor:
         """The recall query's tokens: the question text alone, as in training (not the chat prompt
@@ -770,18 +777,13 @@ class Engine:
         return evidence, in_prompt
 
     def _passage_arrays(self, store: MemoryStore, doc_id: str, version: tuple = ()) -> dict | None:
-        key = (str(store.root), doc_id, *version, "passages")
-        with self._lock:
-            if key not in self._doc_arrays:
-                try:
-                    found = store.arrays(doc_id, ["passage_key", "passage_tokens", "passage_chars"])
-                except KeyError:
-                    found = None
-                self._doc_arrays[key] = found
-                while len(self._doc_arrays) > _DOC_CACHE:
-                    self._doc_arrays.popitem(last=False)
-            self._doc_arrays.move_to_end(key)
-            return self._doc_arrays[key]
+        def load() -> dict | None:
+            try:
+                return store.arrays(doc_id, ["passage_key", "passage_tokens", "passage_chars"])
+            except KeyError:  # stored without passage keys
+                return None
+
+        return self._cached((str(store.root), doc_id, *version, "passages"), load)
 
     def _dense_evidence(
         self, store: MemoryStore, doc_id: str, text: str, question: str, version: tuple = ()
@@ -815,13 +817,9 @@ class Engine:
         """Raw text of the evidence passages, in document order. Passages that touch are one piece of
         text (a passage ends after a fixed count of tokens, often mid-sentence); whole segments stay
         apart, as the decision heads were fitted on that prompt."""
-        pieces: list[list] = []
-        for e in sorted(evidence, key=lambda e: e.char_start):
-            if pieces and e.passage and pieces[-1][2] and e.char_start <= pieces[-1][1]:
-                pieces[-1][1] = max(pieces[-1][1], e.char_end)
-            else:
-                pieces.append([e.char_start, e.char_end, e.passage])
-        return "\n...\n".join(text[start:end].strip() for start, end, _ in pieces)
+        spans = [(e.char_start, e.char_end) for e in evidence]
+        pieces = merge_spans(spans) if evidence and all(e.passage for e in evidence) else sorted(spans)
+        return "\n...\n".join(text[start:end].strip() for start, end in pieces)
 
     def _prefix_chars(self, text: str, max_tokens: int) -> int:
         """Characters of ``text`` that fit in ``max_tokens`` tokens."""

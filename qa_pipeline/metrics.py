@@ -168,6 +168,17 @@ def spans_overlap(a: Span, b: Span) -> bool:
     return max(a[0], b[0]) < min(a[1], b[1])
 
 
+def merge_spans(spans: Iterable[Sequence[int]]) -> list[Span]:
+    """Character spans in order with those that overlap or touch joined."""
+    out: list[list[int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(s, e) for s, e in out]
+
+
 def _check_ng(n: int, g: int) -> None:
     if n < 1 or not 1 <= g <= n:
         raise ValueError(f"need 1 <= gold ({g}) <= segments ({n})")

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import exact_match, macro_f1, normalize_label, spans_overlap, token_f1
+from .metrics import exact_match, macro_f1, merge_spans, normalize_label, spans_overlap, token_f1
 from .qa_data import QARow
 
 __all__ = [
@@ -470,17 +470,6 @@ def evaluate_set(
         m["n_support"] = len(supported)
         result["modes"][mode] = m
     return result
-
-
-def merge_spans(spans: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """Character spans in order with those that overlap or touch joined."""
-    out: list[list[int]] = []
-    for start, end in sorted(spans):
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], end)
-        else:
-            out.append([start, end])
-    return [(s, e) for s, e in out]
 
 
 def _gold_in_prompt(rows: Sequence[QARow], records: Mapping, mode: str) -> float | None:
