@@ -265,6 +265,7 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
         record["option_scores"] = ans.option_scores
         record["evidence_ranked"] = [[e.char_start, e.char_end] for e in ans.evidence]
         record["prompt_passages"] = ans.prompt_passages  # the first ones were the prompt's text
+        record["prompt_spans"] = [list(s) for s in Engine.prompt_spans(ans.evidence[: ans.prompt_passages])]
         segments = store.segments(doc_id)
         record["segments_ranked"] = segment_ranking(ans, segments)
         record["gold_segments"] = gold_segments(segments, row.evidence)

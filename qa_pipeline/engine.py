@@ -813,13 +813,18 @@ class Engine:
         return [Evidence(int(i), int(s), int(e), float(score), text[s:e][:400]) for (i, s, e), score in hits]
 
     @staticmethod
-    def _context(text: str, evidence: list[Evidence]) -> str:
-        """Raw text of the evidence passages, in document order. Passages that touch are one piece of
-        text (a passage ends after a fixed count of tokens, often mid-sentence); whole segments stay
-        apart, as the decision heads were fitted on that prompt."""
+    def prompt_spans(evidence: list[Evidence]) -> list[tuple[int, int]]:
+        """The character spans of the document that the prompt holds as text for ``evidence`` (the
+        items put in the prompt), in document order. Passages that touch are one piece of text (a
+        passage ends after a fixed count of tokens, often mid-sentence); whole segments and dense
+        chunks stay apart, as the decision heads were fitted on that prompt."""
         spans = [(e.char_start, e.char_end) for e in evidence]
-        pieces = merge_spans(spans) if evidence and all(e.passage for e in evidence) else sorted(spans)
-        return "\n...\n".join(text[start:end].strip() for start, end in pieces)
+        return merge_spans(spans) if evidence and all(e.passage for e in evidence) else sorted(spans)
+
+    @classmethod
+    def _context(cls, text: str, evidence: list[Evidence]) -> str:
+        """Raw text of the evidence passages, pieces apart by "..." (``prompt_spans``)."""
+        return "\n...\n".join(text[start:end].strip() for start, end in cls.prompt_spans(evidence))
 
     def _prefix_chars(self, text: str, max_tokens: int) -> int:
         """Characters of ``text`` that fit in ``max_tokens`` tokens."""

@@ -473,15 +473,17 @@ def evaluate_set(
 
 
 def _gold_in_prompt(rows: Sequence[QARow], records: Mapping, mode: str) -> float | None:
-    """Share of rows whose gold answer span lies inside the passages put into the prompt as text
-    (``prompt_passages`` of the record's ranked evidence); None when the mode puts in no text."""
+    """Share of rows whose gold answer span lies inside one piece of the text put into the prompt
+    (the record's ``prompt_spans``); None when the mode puts in no text."""
     inside = []
     for row in rows:
         rec = records.get((row.row_id, mode)) or {}
         k = rec.get("prompt_passages")
         if not k or not row.evidence or rec.get("error"):
             continue
-        spans = merge_spans(rec.get("evidence_ranked", [])[:k])  # passages that touch are one text
+        spans = rec.get("prompt_spans")
+        if spans is None:  # recorded by an older version: its evidence, touching items joined
+            spans = merge_spans(rec.get("evidence_ranked", [])[:k])
         inside.append(any(s <= gs and ge <= e for s, e in spans for gs, ge in row.evidence))
     return sum(inside) / len(inside) if inside else None
 

@@ -78,6 +78,12 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
         assert rec["evidence_ranked"] and all(s < e for s, e in rec["evidence_ranked"])
         # How many of them the prompt held as text: none in hmt, the document window in none.
         assert rec["prompt_passages"] == {"hmt": 0, "hmt+retrieval": 3, "dense-rag": 4, "none": 1}[rec["mode"]]
+        # ...and the pieces of text they made, in document order: each of those items lies in a
+        # piece, and each piece begins where one of them begins and ends where one ends.
+        pieces, used = rec["prompt_spans"], rec["evidence_ranked"][: rec["prompt_passages"]]
+        assert len(pieces) <= len(used) and pieces == sorted(pieces)
+        assert all(any(a <= s and e <= b for a, b in pieces) for s, e in used)
+        assert all(a in {s for s, _ in used} and b in {e for _, e in used} for a, b in pieces)
         assert (rec["sentence"] is None) == bool(rec["options"])
         assert 0 <= rec["confidence"] <= 1 and rec["abstained"] is False  # no checkpoint: no threshold
         # The supporting sentence lies inside one of the answer's evidence passages.

@@ -719,3 +719,6 @@ def test_context_joins_touching_passages_but_keeps_segments_apart():
     assert Engine._context(text, [passage(4, 6), passage(0, 2), passage(2, 4)]) == "abcdef"
     assert Engine._context(text, [passage(0, 2), passage(3, 5)]) == "ab\n...\nde"
     assert Engine._context(text, [segment(2, 4), segment(0, 2)]) == "ab\n...\ncd"
+    # The spans a batch record keeps as the prompt's text are the same pieces.
+    assert Engine.prompt_spans([passage(4, 6), passage(0, 2), passage(2, 4)]) == [(0, 6)]
+    assert Engine.prompt_spans([segment(2, 4), segment(0, 2)]) == [(0, 2), (2, 4)]

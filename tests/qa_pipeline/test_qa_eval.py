@@ -358,3 +358,9 @@ def test_gold_in_prompt_counts_rows_whose_answer_span_is_inside_the_prompts_pass
     assert res["modes"]["hmt"]["gold_in_prompt"] is None
     table = format_markdown({"sets": {"covid-qa": res}, "bootstrap": res["bootstrap"]})
     assert "gold answer in the prompt's text 40%" in table
+    # Records of this version say which spans the prompt held: chunks that touch but stayed apart
+    # there (separated by "...") do not hold a span across their border.
+    recs[("d", "dense-rag")]["prompt_spans"] = [[90, 105], [105, 130]]
+    recs[("a", "dense-rag")]["prompt_spans"] = [[0, 50], [90, 120]]
+    res = evaluate_set(rows, recs, ["dense-rag", "hmt"], resamples=10)
+    assert res["modes"]["dense-rag"]["gold_in_prompt"] == pytest.approx(1 / 5)
