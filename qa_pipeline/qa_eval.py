@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .answer_text import answer_phrase
 from .metrics import exact_match, macro_f1, merge_spans, normalize_label, spans_overlap, token_f1
 from .qa_data import QARow
 
@@ -62,6 +63,7 @@ __all__ = [
 
 SETS = ("pubmedqa", "covid-qa", "evidence-inference")
 NOT_IN_DOCUMENT = "not in the document"
+BASELINE = "dense-rag"  # open answers are compared with it row by row
 COVIDQA_FILE = "covid-qa/covidqa_dev.json"
 EVIDENCE_INFERENCE_DIR = "evidence-inference"
 CLOSED_METRICS = ("accuracy", "macro_f1")
@@ -388,6 +390,7 @@ def evaluate_set(
         result["majority"] = None
         result["chance"] = None
 
+    per_row: dict[str, np.ndarray] = {}  # open sets: token F1 per row without the threshold
     for mode in modes:
         preds, status = (
             zip(*(_prediction(records.get((row.row_id, mode))) for row in rows), strict=True)
@@ -446,6 +449,13 @@ def evaluate_set(
                     float(em.mean()) if n else None, bootstrap_ci(em, resamples=resamples, seed=seed)
                 ),
             }
+            # Without the "not in the document" threshold: an abstained answer scored by the short
+            # answer of the sentence the model wrote (the best guess the CLI and UI show).
+            per_row[mode] = _f1_no_threshold(f1, status, rows, records, mode) if n_abs else f1
+            if n_abs:
+                m["metrics"]["token_f1_no_threshold"] = _metric(
+                    float(per_row[mode].mean()), bootstrap_ci(per_row[mode], resamples=resamples, seed=seed)
+                )
             m["n_answered"] = len(answered)
             # Repetition is the generation's: the sentence the model wrote, of which the prediction
             # is the short answer (records from before short answers have the prediction alone).
@@ -469,7 +479,24 @@ def evaluate_set(
             m["gold_in_prompt"] = _gold_in_prompt(rows, records, mode)
         m["n_support"] = len(supported)
         result["modes"][mode] = m
+    # Open answers against the usual RAG script on the same questions (thresholds off: dense-rag has none).
+    if BASELINE in per_row:
+        for mode, scores in per_row.items():
+            if mode != BASELINE:
+                diff = scores - per_row[BASELINE]
+                ci = bootstrap_ci(diff, resamples=resamples, seed=seed)
+                result["modes"][mode]["vs_dense_rag"] = _metric(float(diff.mean()) if n else None, ci)
     return result
+
+
+def _f1_no_threshold(f1: np.ndarray, status, rows, records, mode: str) -> np.ndarray:
+    """Token F1 per row with each abstained answer replaced by its best guess."""
+    out = f1.copy()
+    for i, (st, row) in enumerate(zip(status, rows, strict=True)):
+        rec = records.get((row.row_id, mode)) or {}
+        if st == "abstained" and rec.get("sentence"):
+            out[i] = token_f1(answer_phrase(rec["sentence"], row.question), _golds(row))
+    return out
 
 
 def _gold_in_prompt(rows: Sequence[QARow], records: Mapping, mode: str) -> float | None:
@@ -609,6 +636,10 @@ def format_markdown(result: Mapping[str, Any]) -> str:
             else:
                 r = m.get("repeats_8gram")
                 answers = f"8-gram repeats {'–' if r is None else f'{100 * r:.0f}%'}"
+                if m["metrics"].get("token_f1_no_threshold"):
+                    answers += f"; token F1 without the threshold {_cell(m['metrics']['token_f1_no_threshold'])}"
+                if m.get("vs_dense_rag"):
+                    answers += f"; paired vs {BASELINE} (no threshold) {_cell(m['vs_dense_rag'])}"
             if m.get("gold_in_prompt") is not None:
                 answers += f"; gold answer in the prompt's text {100 * m['gold_in_prompt']:.0f}%"
             if m.get("support_in_evidence") is not None:

@@ -364,3 +364,35 @@ def test_gold_in_prompt_counts_rows_whose_answer_span_is_inside_the_prompts_pass
     recs[("a", "dense-rag")]["prompt_spans"] = [[0, 50], [90, 120]]
     res = evaluate_set(rows, recs, ["dense-rag", "hmt"], resamples=10)
     assert res["modes"]["dense-rag"]["gold_in_prompt"] == pytest.approx(1 / 5)
+
+
+def test_open_answers_without_the_threshold_and_paired_against_dense_rag():
+    rows = [
+        QARow(row_id="a", question="Where were the sharks studied?", document="t", doc_id="d", answer="Pescador Island"),
+        QARow(row_id="b", question="Which dose?", document="t", doc_id="d", answer="10 mg"),
+    ]
+    recs = {
+        # Turned away, but the sentence the model wrote held the answer: its best guess scores.
+        ("a", "hmt+retrieval"): {
+            "prediction": "The document does not seem to say.",
+            "abstained": True,
+            "sentence": "The sharks were studied at Pescador Island.",
+        },
+        ("b", "hmt+retrieval"): {"prediction": "10 mg"},
+        ("a", "dense-rag"): {"prediction": "the Gulf of Mexico"},
+        ("b", "dense-rag"): {"prediction": "10 mg daily"},
+    }
+    res = evaluate_set(rows, recs, ["hmt+retrieval", "dense-rag"], resamples=50)
+    hmt, dense = res["modes"]["hmt+retrieval"], res["modes"]["dense-rag"]
+    assert hmt["metrics"]["token_f1"]["value"] == pytest.approx(0.5)  # the abstention counts as wrong
+    assert hmt["metrics"]["token_f1_no_threshold"]["value"] == pytest.approx(1.0)
+    assert "token_f1_no_threshold" not in dense["metrics"]  # nothing turned away
+    # Row by row: (1 - 0) and (1 - 0.8), against the baseline itself nothing.
+    assert hmt["vs_dense_rag"]["value"] == pytest.approx(0.6)
+    lo, hi = hmt["vs_dense_rag"]["ci"]
+    assert 0.2 - 1e-9 <= lo <= hi <= 1.0 + 1e-9  # resamples of the two differences
+    assert "vs_dense_rag" not in dense
+    table = format_markdown({"sets": {"covid-qa": res}, "bootstrap": res["bootstrap"]})
+    assert "token F1 without the threshold 1.000" in table and "paired vs dense-rag (no threshold) 0.600" in table
+    # Without dense-rag among the modes there is nothing to pair with.
+    assert "vs_dense_rag" not in evaluate_set(rows, recs, ["hmt+retrieval"], resamples=0)["modes"]["hmt+retrieval"]
