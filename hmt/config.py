@@ -33,6 +33,10 @@ class HMTConfig:
     # through W_q, W_k with bias, L2-normalised, times a learned scale; the value recalled stays M_n.
     # One position's state barely tells segments apart (see docs/recall.md); pooled states do.
     recall: str = "content"
+    # A second head of recall "content" (its own W_q, W_k, biases and scale) that ranks passages, runs of
+    # a segment's tokens, for prompts that quote the document (``HMTModel.passage_head``); trained on
+    # passage-level features apart from the segment head. False: passages are scored by the segment head.
+    passage_recall: bool = False
     # False gives the paper's training stage 1 (memory token carried forward, sensory memory, no recall).
     use_recall: bool = True
     # Truncated BPTT: gradients cross at most this many segment boundaries; None = full BPTT.
@@ -76,6 +80,11 @@ class HMTConfig:
         need(self.mode in MODES, "mode", f"must be one of {MODES}")
         need(self.recall in RECALLS, "recall", f"must be one of {RECALLS}")
         need(isinstance(self.use_recall, bool), "use_recall", "must be a bool")
+        need(
+            not self.passage_recall or self.recall == "content",
+            "passage_recall",
+            "needs recall 'content' (a passage's key is made from its pooled states)",
+        )
         need(
             self.bptt_depth is None or (isinstance(self.bptt_depth, int) and self.bptt_depth >= 1),
             "bptt_depth",

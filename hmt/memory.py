@@ -40,15 +40,15 @@ class MemoryRecall(nn.Module):
             # Cosines lie in [-1, 1]: a scale of ~20 lets softmax pick one segment among hundreds.
             self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
 
-    def parameter_dict(self) -> dict[str, nn.Parameter]:
-        """The recall parameters by checkpoint name."""
-        params = {"recall.w_q.weight": self.w_q.weight, "recall.w_k.weight": self.w_k.weight}
+    def parameter_dict(self, prefix: str = "recall") -> dict[str, nn.Parameter]:
+        """The recall parameters by checkpoint name (``prefix``.w_q.weight, ...)."""
+        params = {f"{prefix}.w_q.weight": self.w_q.weight, f"{prefix}.w_k.weight": self.w_k.weight}
         if self.kind == "content":
             params.update(
                 {
-                    "recall.w_q.bias": self.w_q.bias,
-                    "recall.w_k.bias": self.w_k.bias,
-                    "recall.log_scale": self.log_scale,
+                    f"{prefix}.w_q.bias": self.w_q.bias,
+                    f"{prefix}.w_k.bias": self.w_k.bias,
+                    f"{prefix}.log_scale": self.log_scale,
                 }
             )
         return params

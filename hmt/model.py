@@ -108,9 +108,14 @@ class HMTModel(nn.Module):
         self.summary_prompt = nn.Parameter(torch.randn(1, self.hidden_size) * std)  # T
         self.memory_init = nn.Parameter(torch.randn(1, self.hidden_size) * std)  # M_init
         self.recall = MemoryRecall(self.hidden_size, self.recall_dim, config.recall)
+        self.passage_recall = (
+            MemoryRecall(self.hidden_size, self.recall_dim, "content") if config.passage_recall else None
+        )
         self.summary_prompt.data = self.summary_prompt.data.to(weight)
         self.memory_init.data = self.memory_init.data.to(weight)
         self.recall.to(device=weight.device, dtype=weight.dtype)
+        if self.passage_recall is not None:
+            self.passage_recall.to(device=weight.device, dtype=weight.dtype)
         self.tokenizer = None  # set by from_pretrained for convenience; not part of the module state
 
     # ------------------------------------------------------------------ backbone plumbing
@@ -761,11 +766,19 @@ class HMTModel(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def hmt_state_dict(self) -> dict[str, torch.Tensor]:
+        passage = self.passage_recall.parameter_dict("passage_recall") if self.passage_recall is not None else {}
         return {
             "summary_prompt": self.summary_prompt,
             "memory_init": self.memory_init,
             **self.recall.parameter_dict(),
+            **passage,
         }
+
+    @property
+    def passage_head(self) -> MemoryRecall:
+        """The head that ranks passages (``SegmentRecord.passage_contents``) against a summary: the
+        passage head when the config has one, else the segment recall itself."""
+        return self.passage_recall if self.passage_recall is not None else self.recall
 
     def load_hmt_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.hmt_state_dict()

@@ -329,7 +329,7 @@ class Engine:
                     segments.append(SegmentInfo(document.doc_id, r.index, r.token_start, r.token_end, 0, 0))
                     if r.passage_contents is not None:
                         passages.append(
-                            (self.model.recall.keys(r.passage_contents[0]).float().cpu().numpy(), r.passage_tokens[0])
+                            (self.model.passage_head.keys(r.passage_contents[0]).float().cpu().numpy(), r.passage_tokens[0])
                         )
                 if progress is not None:
                     elapsed = time.perf_counter() - start
@@ -468,12 +468,13 @@ class Engine:
         )
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
-    def _query(self, recall_ids: torch.Tensor) -> np.ndarray:
+    def _query(self, recall_ids: torch.Tensor, head: torch.nn.Module | None = None) -> np.ndarray:
         """The recall query of a question: its inner products with the stored recall keys rank
-        segments exactly as the model's recall does (the logits, up to the recall's scale)."""
+        segments exactly as the model's recall does (the logits, up to the recall's scale).
+        ``head``: another recall head of the model (the passage head), for its own keys."""
         with torch.inference_mode():
             summary = self.model.summarize(recall_ids)[:, 0]
-            return self.model.recall.queries(summary)[0].float().cpu().numpy()
+            return (head or self.model.recall).queries(summary)[0].float().cpu().numpy()
 
     def query_vector(self, question: str, options: list[str] | None = None) -> np.ndarray:
         """The recall query ``ask`` forms for ``question``: search the store's recall keys with it.
@@ -584,7 +585,7 @@ class Engine:
             evidence = self._segment_evidence(store, doc_id, text, recall, self.config.evidence_k)
             if mode == "hmt+retrieval":
                 in_prompt = self.config.retrieval_segments
-                passages = None if options else self._passage_evidence(store, doc_id, text, query, version)
+                passages = None if options else self._passage_evidence(store, doc_id, text, recall_ids, version)
                 if passages is not None:
                     evidence, in_prompt = passages
                 # The passages the recall chose go in as text, in the answering segment itself (wider
@@ -742,24 +743,29 @@ class Engine:
         return out
 
     def _passage_evidence(
-        self, store: MemoryStore, doc_id: str, text: str, query: list[float], version: tuple = ()
+        self, store: MemoryStore, doc_id: str, text: str, recall_ids: torch.Tensor, version: tuple = ()
     ) -> tuple[list[Evidence], int] | None:
-        """Passages ranked by the recall head, best first, and how many fill the prompt's budget
-        (``retrieval_segments * segment_length`` tokens); None when the document has no passage keys
-        (ingested with ``passage_tokens=0``, or by an older version) or passages are off.
+        """Passages ranked by the model's passage head (``HMTModel.passage_head``: its own head when
+        the checkpoint has one, else the segment recall head), best first, and how many fill the
+        prompt's budget (``retrieval_segments * segment_length`` tokens); None when the document has
+        no passage keys (ingested with ``passage_tokens=0``, or by an older version) or passages are off.
 
-        A passage's weight is its share of the recall head's softmax over all the document's
-        passages: the weight recall would give it if passages were the memories.
+        A passage's weight is its share of the head's softmax over all the document's passages: the
+        weight recall would give it if passages were the memories.
         """
         if not self.config.passage_tokens:
             return None
         arrays = self._passage_arrays(store, doc_id, version)
         if arrays is None:
             return None
+        head = self.model.passage_head
+        query = self._query(recall_ids, head)
+        with torch.no_grad():
+            scale = float(head.scale())
         tokens = arrays["passage_tokens"].reshape(-1)
         real = np.flatnonzero(tokens > 0)
         keys = arrays["passage_key"].reshape(-1, arrays["passage_key"].shape[-1])[real]
-        logits = (keys @ np.asarray(query, dtype=np.float32)) * self.recall_scale
+        logits = (keys @ query) * scale
         weights = np.zeros(tokens.shape, dtype=np.float64)
         weights[real] = np.exp(logits - logits.max())
         weights /= weights.sum()

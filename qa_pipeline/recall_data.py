@@ -126,30 +126,50 @@ class RecallFeatures:
     positives: list[list[int]]
     query_kind: list[str]
     groups: list[str]
+    # Read with ``passage_length``: pooled states of each segment's passages (only those holding
+    # tokens), their group, and per query the passages with a gold token (indices into these rows).
+    passage_contents: np.ndarray | None = None  # (P, d)
+    passage_doc: np.ndarray | None = None  # (P,)
+    passage_positives: list[list[int]] | None = None
 
-    def examples(self, kinds: tuple[str, ...] | None = None) -> RecallExamples:
+    def examples(self, kinds: tuple[str, ...] | None = None, *, passages: bool = False) -> RecallExamples:
+        """Queries (of ``kinds``; all by default) against segments, or against passages."""
         rows = [i for i, k in enumerate(self.query_kind) if kinds is None or k in kinds]
+        if passages and self.passage_contents is None:
+            raise ValueError("these features were read without passages (passage_length)")
+        contents, doc, positives = (
+            (self.passage_contents, self.passage_doc, self.passage_positives)
+            if passages
+            else (self.contents, self.segment_doc, self.positives)
+        )
         return RecallExamples(
             torch.from_numpy(self.queries[rows]),
             torch.from_numpy(self.query_doc[rows]),
-            [self.positives[i] for i in rows],
-            torch.from_numpy(self.contents),
-            torch.from_numpy(self.segment_doc),
+            [positives[i] for i in rows],
+            torch.from_numpy(contents),
+            torch.from_numpy(doc),
         )
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        np.savez(path / "features.npz", contents=self.contents, segment_doc=self.segment_doc,
-                 queries=self.queries, query_doc=self.query_doc)
+        arrays = {"contents": self.contents, "segment_doc": self.segment_doc, "queries": self.queries,
+                  "query_doc": self.query_doc}
         meta = {"positives": self.positives, "query_kind": self.query_kind, "groups": self.groups}
+        if self.passage_contents is not None:
+            arrays.update(passage_contents=self.passage_contents, passage_doc=self.passage_doc)
+            meta["passage_positives"] = self.passage_positives
+        np.savez(path / "features.npz", **arrays)
         (path / "features.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, path: Path) -> RecallFeatures:
         arrays = np.load(path / "features.npz")
         meta = json.loads((path / "features.json").read_text())
+        passages = "passage_contents" in arrays.files
         return cls(arrays["contents"], arrays["segment_doc"], arrays["queries"], arrays["query_doc"],
-                   meta["positives"], meta["query_kind"], meta["groups"])
+                   meta["positives"], meta["query_kind"], meta["groups"],
+                   arrays["passage_contents"] if passages else None, arrays["passage_doc"] if passages else None,
+                   meta.get("passage_positives"))
 
 
 @torch.inference_mode()
@@ -160,22 +180,37 @@ def extract_features(
     *,
     block_segments: int = 16,
     query_batch: int = 64,
+    passage_length: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RecallFeatures:
-    """Read every document through ``model`` as ingestion does and every query as ``ask`` does."""
+    """Read every document through ``model`` as ingestion does and every query as ``ask`` does.
+
+    ``passage_length`` (a divisor of the segment length): also keep each segment's passages as
+    ingestion stores them, with each query's gold passages.
+    """
     L = model.config.segment_length
+    if passage_length and L % passage_length:
+        raise ValueError(f"passage_length {passage_length} does not divide the segment length {L}")
     groups: dict[str, int] = {}
     contents, segment_doc, query_texts, query_doc, positives, kinds = [], [], [], [], [], []
+    passages, passage_doc, passage_positives = [], [], []
     for n, doc in enumerate(docs):
         group = groups.setdefault(doc.group, len(groups))
         enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
         ids = torch.tensor([enc.input_ids], dtype=torch.long, device=model.device)
-        first = len(contents)
+        first, first_passage = len(contents), len(passages)
         state = model.init_memory(1)
         for pos in range(0, ids.shape[1], block_segments * L):
-            records, state = model.read_segments(ids[:, pos : pos + block_segments * L], state)
+            records, state = model.read_segments(ids[:, pos : pos + block_segments * L], state,
+                                                 passage_length=passage_length)
             contents.extend(r.content[0].float().cpu().numpy().copy() for r in records)
+            for r in records:
+                if passage_length:
+                    # Runs tile the segment in order, so a real run's row is first_passage + token // width.
+                    real = r.passage_tokens[0] > 0
+                    passages.extend(r.passage_contents[0][real].float().cpu().numpy().copy())
         segment_doc.extend([group] * (len(contents) - first))
+        passage_doc.extend([group] * (len(passages) - first_passage))
         for text, spans, kind in doc.queries:
             gold = segments_overlapping(enc.offset_mapping, spans, L)
             if gold:
@@ -183,6 +218,9 @@ def extract_features(
                 query_doc.append(group)
                 positives.append([first + g for g in gold])
                 kinds.append(kind)
+                if passage_length:
+                    gold_passages = segments_overlapping(enc.offset_mapping, spans, passage_length)
+                    passage_positives.append([first_passage + g for g in gold_passages])
         if progress is not None:
             progress(n + 1, len(docs))
     queries = []
@@ -205,4 +243,7 @@ def extract_features(
         positives=positives,
         query_kind=kinds,
         groups=list(groups),
+        passage_contents=np.stack(passages).astype(np.float32) if passages else None,
+        passage_doc=np.asarray(passage_doc, dtype=np.int64) if passage_length else None,
+        passage_positives=passage_positives if passage_length else None,
     )

@@ -1,9 +1,17 @@
-"""``hmtqa train-recall``: give a checkpoint recall "content" and train its recall head on cached features.
+"""``hmtqa train-recall``: train a recall head of a checkpoint on cached features.
 
-Steps: load the base checkpoint (backbone, LoRA adapter, T, M_init); switch its recall to "content"
-(W_q = W_k = identity, centred); read the training documents and queries through it once (features
-cached under ``OUT/features``); fit the head with InfoNCE (``hmt.recall_head``); save ``OUT/final``.
-Minutes on a CPU, since the backbone's passes are done once.
+``--head segments`` (the segment recall): load the base checkpoint (backbone, LoRA adapter, T,
+M_init); switch its recall to "content" (W_q = W_k = identity, centred); read the training documents
+and queries through it once (features cached under ``OUT/features``); fit the head with InfoNCE
+(``hmt.recall_head``); save ``OUT/final``.
+
+``--head passages`` (the passage head, ``HMTConfig.passage_recall``): keep the base checkpoint whole
+(its segment recall too, so memories, closed answers and perplexity do not change); read the
+documents through it as ingestion does, pooling passages of ``passage_tokens``; fit a second head,
+started from the segment head, to rank each query's gold passages among its document's passages;
+save ``OUT/final`` with the base's other files (decision heads, model card).
+
+Minutes on a CPU once the features are read, since the backbone's passes are done once.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ class RecallRecipe:
     """Everything ``hmtqa train-recall`` needs; each field is a flag of the same name."""
 
     base: str = "default"  # checkpoint whose backbone, adapter, T and M_init are kept
+    head: str = "segments"  # "segments": the recall head; "passages": a passage head beside it
+    passage_tokens: int = 128  # --head passages: passage width (the engine's passage_tokens)
     backbone: str = "smollm2-135m-instruct"
     data_dir: str | None = None
     out: str = "runs/recall"
@@ -52,6 +62,18 @@ def content_model(base: HMTModel) -> HMTModel:
     with torch.no_grad():
         model.summary_prompt.copy_(base.summary_prompt)
         model.memory_init.copy_(base.memory_init)
+    return model.to(dtype=base.dtype)
+
+
+def passage_model(base: HMTModel) -> HMTModel:
+    """``base`` with a passage head that starts as a copy of its segment recall head."""
+    if base.config.recall != "content":
+        raise ValueError("a passage head needs a base checkpoint with recall 'content'")
+    model = HMTModel(base.backbone, base.config.replace(passage_recall=True))
+    with torch.no_grad():
+        state = base.hmt_state_dict()
+        for name, param in model.hmt_state_dict().items():
+            param.copy_(state[name.replace("passage_recall.", "recall.")])
     return model.to(dtype=base.dtype)
 
 
@@ -78,12 +100,18 @@ def _split(features: RecallFeatures, val_share: float, seed: int) -> tuple[list[
 
 
 def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
-    """Train and save; returns the summary written to ``OUT/final/recall_training.json``."""
+    """Train and save; returns the summary written to ``OUT/final/recall_training.json`` (or
+    ``passage_training.json`` for ``--head passages``)."""
+    if recipe.head not in ("segments", "passages"):
+        raise ValueError(f"--head must be 'segments' or 'passages' (got {recipe.head!r})")
+    passages = recipe.head == "passages"
     began = time.perf_counter()
     torch.manual_seed(recipe.seed)
     out = Path(recipe.out)
     base, tokenizer, base_path = _load_base(recipe)
-    model = content_model(base).to(dtype=resolve_dtype(recipe.dtype)).eval()
+    if passages and base_path is None:
+        raise ValueError("--head passages needs a base checkpoint with a trained recall head (not --base none)")
+    model = (passage_model(base) if passages else content_model(base)).to(dtype=resolve_dtype(recipe.dtype)).eval()
     cache = out / "features"
     reused = (cache / "features.npz").is_file()
     if reused:
@@ -100,20 +128,22 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
 
             bar = tqdm(total=len(docs), desc="reading documents", unit="doc")
         t0 = time.perf_counter()
-        features = extract_features(model, tokenizer, docs, progress=(lambda i, n: bar.update(1)) if bar else None)
+        features = extract_features(model, tokenizer, docs, passage_length=recipe.passage_tokens if passages else None,
+                                    progress=(lambda i, n: bar.update(1)) if bar else None)
         extract_s = time.perf_counter() - t0
         if bar:
             bar.close()
         features.save(cache)
         (cache / "extract.json").write_text(json.dumps({"extract_s": extract_s}))
     fit_rows, val_rows = _split(features, recipe.val_share, recipe.seed)
-    all_examples = features.examples()
+    all_examples = features.examples(passages=passages)
     fit, val = all_examples.subset(fit_rows), all_examples.subset(val_rows)
-    head = model.recall.float()
+    head = (model.passage_recall if passages else model.recall).float()
+    # Passages: "before" is the segment head scoring passages, what answers used without this head.
     before = rank_metrics(head, val)
     t0 = time.perf_counter()
     log = fit_recall_head(head, fit, steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                          weight_decay=recipe.weight_decay, seed=recipe.seed)
+                          weight_decay=recipe.weight_decay, center=not passages, seed=recipe.seed)
     fit_s = time.perf_counter() - t0
     after = rank_metrics(head, val)
     after_questions = rank_metrics(head, _kind_subset(all_examples, features, val_rows, "question"))
@@ -134,7 +164,7 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
         "total_s": time.perf_counter() - began,
         "features_reused": reused,
     }
-    model.recall.to(dtype=model.dtype)
+    head.to(dtype=model.dtype)
     final = out / "final"
     model.save_pretrained(final)
     if base_path is not None and (base_path / "adapter").is_dir():
@@ -143,7 +173,13 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
         meta = json.loads((final / "config.json").read_text())
         meta["has_adapter"] = True
         (final / "config.json").write_text(json.dumps(meta, indent=2))
-    (final / "recall_training.json").write_text(json.dumps(summary, indent=2))
+    if passages:
+        # Everything else of the base still holds (its memories are unchanged): decision heads,
+        # training records, model card.
+        for f in sorted(base_path.iterdir()):
+            if f.is_file() and not (final / f.name).exists():
+                shutil.copy2(f, final / f.name)
+    (final / ("passage_training.json" if passages else "recall_training.json")).write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -86,3 +86,26 @@ def test_resolve_dtype():
     assert resolve_dtype(None) is torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int3")
+
+
+def test_passage_head_round_trip_and_fallback(tmp_path):
+    """A passage head is saved and loaded beside the segment recall head; without one, passages
+    are scored by the segment head itself."""
+    plain = HMTModel(tiny_backbone(), CFG)
+    assert plain.passage_recall is None and plain.passage_head is plain.recall
+    assert not any(name.startswith("passage_recall.") for name in plain.hmt_state_dict())
+    model = HMTModel(tiny_backbone(), CFG.replace(passage_recall=True))
+    with torch.no_grad():
+        model.passage_recall.w_q.weight.add_(0.5)  # trained values, not the identity start
+    assert model.passage_head is model.passage_recall
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone())
+    assert loaded.config.passage_recall
+    for name, value in model.hmt_state_dict().items():
+        assert_close(loaded.hmt_state_dict()[name], value)
+    assert not torch.equal(loaded.passage_recall.w_q.weight, loaded.recall.w_q.weight)
+
+
+def test_passage_head_needs_content_recall():
+    with pytest.raises(ValueError, match="passage_recall needs recall 'content'"):
+        HMTConfig(recall="paper", passage_recall=True)

@@ -191,9 +191,13 @@ def _check_passages(engine: Engine, store: MemoryStore, ans: Answer, text: str) 
     passage key, as many in the prompt as fit retrieval_segments * L tokens."""
     arrays = store.arrays(ans.doc_id, ["passage_key", "passage_tokens"])
     tokens = arrays["passage_tokens"].reshape(-1)
-    logits = engine.recall_scale * (
-        arrays["passage_key"].reshape(tokens.size, -1).astype(np.float64)
-        @ engine.query_vector(ans.question).astype(np.float64)
+    head = engine.model.passage_head  # the passage head when the checkpoint has one
+    ids = torch.tensor([engine.tokenizer(ans.question, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        query = head.queries(engine.model.summarize(ids[:, : engine.model.config.summary_length])[:, 0])[0]
+        scale = float(head.scale())
+    logits = scale * (
+        arrays["passage_key"].reshape(tokens.size, -1).astype(np.float64) @ query.float().numpy().astype(np.float64)
     )
     logits[tokens == 0] = -np.inf  # a short last segment's empty rows
     weights = np.exp(logits - logits.max())
@@ -370,6 +374,30 @@ def test_open_retrieval_answer_puts_the_recalled_passages_in_the_prompt(engine, 
     assert ans.evidence[0].passage and 1 <= ans.prompt_passages < len(ans.evidence) + 1
     assert seen == [ans.evidence[: ans.prompt_passages]]
     assert ans.to_json()["evidence"][0]["passage"] is True and ans.to_json()["prompt_passages"] == ans.prompt_passages
+
+
+def test_a_passage_head_ranks_the_passages(engine, doc, ingested, tmp_path):
+    """A checkpoint with a passage head: ingestion stores passage keys made by that head, open
+    hmt+retrieval answers rank passages with it, and segment recall stays the segment head's."""
+    from qa_pipeline.recall_recipe import passage_model
+
+    model = passage_model(engine.model)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        model.passage_recall.w_q.weight.add_(torch.randn_like(model.passage_recall.w_q.weight))
+    model.save_pretrained(tmp_path / "ckpt")
+    headed = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(tmp_path / "ckpt"), block_segments=4,
+                                 max_new_tokens=2))
+    assert headed.model.passage_head is headed.model.passage_recall
+    store = headed.open_store(tmp_path / "s")
+    headed.ingest(store, doc)
+    question = "Which drug was used?"
+    ans = headed.ask(store, "trial", question, mode="hmt+retrieval", max_new_tokens=2)
+    _check_evidence(headed, store, ans, doc.text)  # passages by the passage head, recall by the segment head
+    plain = engine.ask(ingested[0], "trial", question, mode="hmt+retrieval", max_new_tokens=2)
+    assert [s for s, _ in ans.recall] == [s for s, _ in plain.recall]
+    assert [w for _, w in ans.recall] == pytest.approx([w for _, w in plain.recall], abs=1e-5)
+    assert [(e.char_start, e.char_end) for e in ans.evidence] != [(e.char_start, e.char_end) for e in plain.evidence]
 
 
 def test_open_retrieval_without_passage_keys_uses_whole_segments(engine, doc, tmp_path, monkeypatch):

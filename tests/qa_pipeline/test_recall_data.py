@@ -70,3 +70,42 @@ def test_features_are_what_ingestion_and_recall_read(engine, tmp_path):
     examples = again.examples()
     assert len(examples) == 2 and examples.contents.shape == (feats.contents.shape[0], model.hidden_size)
 
+
+
+def test_passage_features_are_what_ingestion_stores(engine, tmp_path):
+    """With ``passage_length`` each segment's passages are kept as ingestion pools them, and a query's
+    gold passages are the runs of that many tokens holding a gold token."""
+    model, tok = engine.model, engine.tokenizer
+    text = " ".join(f"Cohort {i} took aspirin and reported fewer headaches." for i in range(60))
+    needle = text.index("Cohort 41 took")
+    docs = [RecallDoc("a", text, group="g", queries=[("Who took aspirin?", [(needle, needle + 20)], "question")])]
+    width = model.config.segment_length // 2
+    feats = extract_features(model, tok, docs, block_segments=2, passage_length=width)
+    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+    with torch.inference_mode():
+        records = model(ids, return_logits=False, return_records=True, passage_length=width).records
+    pooled = np.concatenate(
+        [r.passage_contents[0][r.passage_tokens[0] > 0].float().numpy() for r in records]
+    )
+    assert feats.passage_contents.shape[0] == -(-ids.shape[1] // width)  # the last one may be short
+    np.testing.assert_allclose(feats.passage_contents, pooled, atol=1e-3)
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    expected = sorted({i // width for i, (s, e) in enumerate(offsets) if s < needle + 20 and e > needle})
+    assert feats.passage_positives == [expected]
+    assert {p // 2 for p in expected} == set(feats.positives[0])  # two passages per segment
+    feats.save(tmp_path)
+    again = RecallFeatures.load(tmp_path)
+    assert again.passage_positives == feats.passage_positives
+    examples = again.examples(passages=True)
+    assert examples.contents.shape == feats.passage_contents.shape and examples.positives == [expected]
+    with pytest.raises(ValueError, match="does not divide"):
+        extract_features(model, tok, docs, passage_length=width - 1)
+
+
+def test_features_without_passages_refuse_passage_examples(engine):
+    docs = [RecallDoc("b", "Trial arm 3 measured insulin after meals. " * 20, group="h",
+                      queries=[("insulin", [(0, 40)], "question")])]
+    feats = extract_features(engine.model, engine.tokenizer, docs)
+    assert feats.passage_contents is None
+    with pytest.raises(ValueError, match="without passages"):
+        feats.examples(passages=True)

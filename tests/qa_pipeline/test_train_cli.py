@@ -89,3 +89,45 @@ def test_train_without_data_is_a_clear_error(tmp_path, capsys):
     rc = main(["train", "--backbone", "tiny-random", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
     assert rc == 2
     assert "data folder" in capsys.readouterr().err
+
+
+def test_train_recall_passage_head_keeps_the_base_whole(tmp_path, capsys):
+    """`hmtqa train-recall --head passages` (features already cached): the checkpoint gains a passage
+    head trained on passage features; the segment recall, T, M_init and the base's other files stay."""
+    import torch
+
+    from hmt import HMTConfig, HMTModel, load_backbone
+    from qa_pipeline.recall_data import RecallDoc, extract_features
+    from qa_pipeline.recall_recipe import passage_model
+
+    backbone, tok = load_backbone("tiny-random", dtype="float32")
+    base = HMTModel(backbone, HMTConfig(segment_length=32, sensory_length=4))
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "decision_heads.json").write_text("{}")  # a file the base brings along
+    rng = random.Random(0)
+    words = "cell dose trial patient risk outcome protein gene therapy cohort blood sample".split()
+    docs = []
+    for d in range(6):
+        text = " ".join(" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(20))
+        starts = [i for i, c in enumerate(text) if c == "."][::4]
+        docs.append(RecallDoc(f"d{d}", text, group=f"g{d}", queries=[
+            (text[max(0, s - 40) : s], [(max(0, s - 40), s)], "question") for s in starts
+        ]))
+    out = tmp_path / "run"
+    extract_features(passage_model(base).eval(), tok, docs, passage_length=16).save(out / "features")
+    rc = main([
+        "train-recall", "--head", "passages", "--base", str(tmp_path / "base"), "--backbone", "tiny-random",
+        "--out", str(out), "--passage-tokens", "16", "--steps", "30", "--val-share", "0.34", "--dtype", "float32",
+        "--json",
+    ])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["features_reused"] and summary["val_queries"] > 0
+    assert set(summary["val_before"]) == {"hit@1", "hit@5", "mrr", "n"}
+    final = out / "final"
+    assert (final / "passage_training.json").is_file() and (final / "decision_heads.json").read_text() == "{}"
+    trained = HMTModel.from_pretrained(final, backbone=load_backbone("tiny-random", dtype="float32")[0])
+    assert trained.config.passage_recall and trained.passage_head is trained.passage_recall
+    for name, value in base.hmt_state_dict().items():
+        assert torch.equal(trained.hmt_state_dict()[name], value), name  # the segment side is the base's
+    assert not torch.equal(trained.passage_recall.w_q.weight, trained.recall.w_q.weight)
