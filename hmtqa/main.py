@@ -139,6 +139,7 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
             progress=progress,
             negatives=ns.negatives,
             open_questions=ns.open_questions,
+            closed=ns.closed,
         )
     finally:
         for bar in bars.values():
@@ -158,6 +159,13 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
                 )
                 for name, r in report.items()
                 if "cv" in r
+            )
+            + (
+                f"\nopen answers: threshold {report['open']['threshold']:.3f} "
+                f"({report['open']['n_positive']} training questions, {report['open']['positives_abstained']:.0%} "
+                f"of them turned away; {report['open']['negatives_abstained']:.0%} of those asked of another article)"
+                if "open" in report
+                else ""
             )
             + f"\nheads saved in {checkpoint}"
         ),
@@ -211,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=30,
         help="COVID-QA training questions for the open-answer threshold (0: keep the checkpoint's)",
+    )
+    p.add_argument(
+        "--closed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit the closed-question heads (--no-closed: keep the checkpoint's, fit the open threshold only)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train_decision)

@@ -231,6 +231,7 @@ def fit_threshold(
     if not useful:
         t, kept = 0.0, np.ones_like(pos, dtype=bool)
     return t, {
+        "threshold": t,
         "useful": useful,
         "candidate_threshold": info_t,
         "max_abstain": max_abstain,

@@ -272,14 +272,24 @@ def run(
     negatives: int = 100,
     open_questions: int = 30,
     open_mode: str = "hmt+retrieval",
+    closed: bool = True,
 ) -> dict:
     """Extract (or reuse cached) features into ``work``, fit the heads and thresholds, and save
     them into the checkpoint folder.
 
     ``negatives`` questions per set are also asked of another document (for the closed thresholds);
     ``open_questions`` COVID-QA training questions are answered in ``open_mode`` of their own and of
-    another article (for the open threshold; 0 skips it and keeps the checkpoint's).
+    another article (for the open threshold; 0 skips it and keeps the checkpoint's). ``closed=False``
+    keeps the checkpoint's closed heads and their report, and fits the open threshold only (after a
+    change that touches open answers alone, such as a passage head).
     """
+    if not closed:
+        if not open_questions:
+            raise ValueError("nothing to fit: closed heads kept and no open questions")
+        heads = DecisionHeads.load(checkpoint)
+        report_path = checkpoint / "decision_training.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        return _fit_open(engine, root, checkpoint, work, store, heads, report, open_questions, open_mode)
     engine.decision_heads = DecisionHeads()  # the model's own scores, not those of older heads
     feature_dir = work / "features"
     sets = {"pubmedqa": pubmedqa_training_rows(root), "evidence-inference": ei_training_rows(root)}
@@ -300,6 +310,24 @@ def run(
             bucket[name] = cached
     heads, report = fit_heads(features, options, negative_features)
     heads.open_threshold = DecisionHeads.load(checkpoint).open_threshold
+    return _fit_open(engine, root, checkpoint, work, store, heads, report, open_questions, open_mode)
+
+
+def _fit_open(
+    engine: Engine,
+    root: Path,
+    checkpoint: Path,
+    work: Path,
+    store: MemoryStore,
+    heads: DecisionHeads,
+    report: dict,
+    open_questions: int,
+    open_mode: str,
+) -> dict:
+    """Fit the open-answer threshold (when ``open_questions``), then save ``heads`` and ``report``."""
+    feature_dir = work / "features"
+    # Answers as the model gives them, with no threshold: an abstained answer would score token F1 0.
+    engine.decision_heads = DecisionHeads()
     if open_questions:
         pos = covid_training_rows(root, open_questions)
         conf_path = feature_dir / f"open-{open_mode.replace('+', '_')}-{open_questions}.npz"

@@ -243,3 +243,38 @@ def test_a_threshold_that_does_not_separate_is_dropped():
     t, info = fit_threshold(same[:200], np.ones(200, bool), same[200:])
     assert t == 0.0 and not info["useful"] and info["positives_abstained"] == 0.0
     assert 0 < info["candidate_threshold"] < 1
+
+
+def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
+    """`train-decision --no-closed`: the checkpoint's closed heads and their report stay as they were;
+    the open threshold is fitted from open answers given without any threshold."""
+    import json
+
+    from qa_pipeline import decision_recipe
+    from qa_pipeline.engine import Engine, EngineConfig
+    from qa_pipeline.qa_data import QARow
+
+    ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 8.0], threshold=0.4)
+    heads = DecisionHeads.load(ckpt)
+    heads.open_threshold = 1.01  # an old threshold that would turn every answer away
+    heads.save(ckpt)
+    (ckpt / "decision_training.json").write_text(json.dumps({"pubmedqa": {"chosen": "head"}}))
+    before = (ckpt / "decision_heads.safetensors").read_bytes()
+    facts = [f"Cohort {i} took drug {chr(65 + i)} and slept {i} hours longer." for i in range(12)]
+    rows = [
+        QARow(f"q{i}", f"What did cohort {i} take?", document=" ".join(facts[i:] + facts[:i]) * 3,
+              answer=f"drug {chr(65 + i)}", evidence=[(0, 30)])
+        for i in range(12)
+    ]
+    monkeypatch.setattr(decision_recipe, "covid_training_rows", lambda root, limit: rows[:limit])
+    engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4))
+    store = engine.open_store(tmp_path / "store")
+    report = decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=12, closed=False)
+    assert report["pubmedqa"] == {"chosen": "head"} and report["open"]["n_positive"] == 12
+    saved = DecisionHeads.load(ckpt)
+    assert (ckpt / "decision_heads.safetensors").read_bytes() == before
+    assert [h.threshold for h in saved.heads.values()] == [0.4]
+    assert saved.open_threshold == report["open"]["threshold"] < 1.01
+    assert json.loads((ckpt / "decision_training.json").read_text())["open"] == report["open"]
+    with pytest.raises(ValueError, match="nothing to fit"):
+        decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=0, closed=False)
