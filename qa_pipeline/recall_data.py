@@ -204,9 +204,9 @@ def extract_features(
             records, state = model.read_segments(ids[:, pos : pos + block_segments * L], state,
                                                  passage_length=passage_length)
             contents.extend(r.content[0].float().cpu().numpy().copy() for r in records)
-            for r in records:
-                if passage_length:
-                    # Runs tile the segment in order, so a real run's row is first_passage + token // width.
+            if passage_length:
+                # Runs tile each segment in order, so a passage's row is first_passage + token // width.
+                for r in records:
                     real = r.passage_tokens[0] > 0
                     passages.extend(r.passage_contents[0][real].float().cpu().numpy().copy())
         segment_doc.extend([group] * (len(contents) - first))
