@@ -84,7 +84,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.checkpoint,
         help="HMT checkpoint folder; 'default' = the committed one; 'none' = untrained memory (default: default)",
     )
-    parser.add_argument("--dtype", default=d.dtype, help=f"bfloat16 (fast on CPU) or float32 (default: {d.dtype})")
+    parser.add_argument("--dtype", default=d.dtype, help=f"bfloat16 (fast on CPUs with bf16 instructions) or float32 (faster on AVX2-only CPUs; default: {d.dtype})")
     parser.add_argument("--device", default=d.device, help="cpu, cuda, ... (default: cpu)")
     parser.add_argument(
         "--store", default=d.store, help=f"shared memory store folder, visible to all users; '' = none (default: {d.store})"
