@@ -47,3 +47,9 @@ def test_ingest_and_answer_a_3k_token_document(engine, tmp_path):
     streamed = []
     open_ = engine.ask(store, "amlodipine", "Which drug did the patients receive?", on_token=streamed.append)
     assert open_.answer.strip() and streamed
+
+    # Open questions in hmt+retrieval read passages ranked by the checkpoint's passage head.
+    retrieval = engine.ask(store, "amlodipine", "How much did systolic blood pressure fall?", mode="hmt+retrieval")
+    assert retrieval.evidence[0].passage and retrieval.prompt_passages >= 1
+    if engine.checkpoint_id.startswith("sha256:"):  # the committed checkpoint has one
+        assert engine.model.passage_head is engine.model.passage_recall is not None
