@@ -139,6 +139,7 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
             progress=progress,
             negatives=ns.negatives,
             open_questions=ns.open_questions,
+            open_half=ns.open_half,
             closed=ns.closed,
         )
     finally:
@@ -161,9 +162,7 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
                 if "cv" in r
             )
             + (
-                f"\nopen answers: threshold {report['open']['threshold']:.3f} "
-                f"({report['open']['n_positive']} training questions, {report['open']['positives_abstained']:.0%} "
-                f"of them turned away; {report['open']['negatives_abstained']:.0%} of those asked of another article)"
+                _open_summary(report["open"])
                 if "open" in report
                 else ""
             )
@@ -171,6 +170,23 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+def _open_summary(r: dict) -> str:
+    """The open threshold's line of `train-decision`'s summary."""
+    line = (
+        f"\nopen answers: threshold {r['threshold']:.3f} ({r['n_positive']} questions of the "
+        f"{r.get('half', 'training')}-half COVID-QA articles, {r['positives_abstained']:.0%} of them turned "
+        f"away; {r['negatives_abstained']:.0%} of those asked of another article)"
+    )
+    cross = r.get("cross_fitted")
+    if cross:
+        line += (
+            f"\n  cross-fitted over {cross['folds']} folds of articles: {cross['positives_abstained']:.0%} "
+            f"turned away, {cross['negatives_abstained']:.0%} of the negatives; token F1 "
+            f"{cross['mean_token_f1']:.3f} (no threshold {r['mean_token_f1']:.3f})"
+        )
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a checkpoint's decision heads for closed questions (PubMedQA yes/no/maybe, Evidence "
         "Inference) on cached answering-pass features of training questions",
     )
+    from qa_pipeline.decision_recipe import OPEN_HALVES
+
     from .qa import _engine_args
 
     _engine_args(p)
@@ -218,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--open-questions",
         type=int,
         default=30,
-        help="COVID-QA training questions for the open-answer threshold (0: keep the checkpoint's)",
+        help="COVID-QA questions for the open-answer threshold (0: keep the checkpoint's)",
+    )
+    p.add_argument(
+        "--open-half",
+        choices=OPEN_HALVES,
+        default="training",
+        help="COVID-QA articles those questions come from: 'evaluation', the half recall was never trained "
+        "on, gives a threshold for new documents (recall is surer of itself on its training articles); "
+        "its report adds a cross-fitted estimate",
     )
     p.add_argument(
         "--closed",

@@ -11,6 +11,7 @@ in seconds, its penalty chosen by cross-validated macro-F1 on the training quest
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -225,11 +226,15 @@ def negative_rows(rows: list[QARow], limit: int = 100) -> list[QARow]:
 
 
 def open_confidences(
-    engine: Engine, store: MemoryStore, rows: list[QARow], mode: str
+    engine: Engine,
+    store: MemoryStore,
+    rows: list[QARow],
+    mode: str,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Confidence of open answers to ``rows`` in ``mode`` and their token F1 against the gold answer."""
     conf, f1 = [], []
-    for row in rows:
+    for i, row in enumerate(rows):
         text = row.load_document()
         doc_id = row.document_id(text)
         if doc_id not in store:
@@ -237,6 +242,8 @@ def open_confidences(
         ans = engine.ask(store, doc_id, row.question, mode=mode, record=False)
         conf.append(ans.confidence if ans.confidence is not None else 0.0)
         f1.append(token_f1(ans.answer, row.answer or "") if row.evidence else 0.0)
+        if progress is not None:
+            progress(i + 1, len(rows))
     return np.asarray(conf), np.asarray(f1)
 
 
@@ -253,12 +260,51 @@ def load_features(folder: Path, name: str, modes: tuple[str, ...] = FEATURE_MODE
     return {m: dict(np.load(p)) for m, p in zip(modes, paths, strict=True)}
 
 
-def covid_training_rows(root: Path, limit: int) -> list[QARow]:
-    """COVID-QA questions of the training-half articles, spread over articles."""
+OPEN_HALVES = ("training", "evaluation")
+
+
+def covid_open_rows(root: Path, limit: int, half: str = "training") -> list[QARow]:
+    """COVID-QA questions of one half of the articles (``recall_eval.is_train_article``), spread over
+    articles: "training" (the articles recall was trained on) or "evaluation" (those it never saw)."""
     from .recall_eval import select_rows
 
-    rows = [r for r in covid_qa(root / "covid-qa" / "covidqa_dev.json") if is_train_article(r.document_id())]
+    if half not in OPEN_HALVES:
+        raise ValueError(f"unknown half {half!r}; choose one of {', '.join(OPEN_HALVES)}")
+    rows = [
+        r
+        for r in covid_qa(root / "covid-qa" / "covidqa_dev.json")
+        if is_train_article(r.document_id()) == (half == "training")
+    ]
     return select_rows(rows, limit_docs=None, limit_questions=limit)
+
+
+def cross_fitted_threshold(
+    pos: np.ndarray, pos_f1: np.ndarray, neg: np.ndarray, groups: list[str], *, folds: int = 2
+) -> dict:
+    """What a threshold fitted on these questions does to questions it was not fitted on: articles
+    dealt into ``folds`` folds, each fold judged by the threshold fitted on the others' questions.
+
+    ``neg[i]`` is question ``i`` asked of another article, so it belongs to question ``i``'s fold.
+    """
+    if len(neg) != len(pos):
+        raise ValueError("each question needs its negative: neg[i] is question i asked of another article")
+    articles = sorted(set(groups))
+    fold_of = np.array([articles.index(g) % folds for g in groups])
+    pos_out, neg_out = np.zeros(len(pos), bool), np.zeros(len(neg), bool)
+    thresholds = []
+    for f in range(folds):
+        here = fold_of == f
+        t, _ = fit_threshold(pos[~here], pos_f1[~here] >= 0.3, neg[~here])
+        thresholds.append(t)
+        pos_out[here], neg_out[here] = pos[here] < t, neg[here] < t
+    return {
+        "folds": folds,
+        "thresholds": thresholds,
+        "positives_abstained": float(pos_out.mean()),
+        "negatives_abstained": float(neg_out.mean()),
+        # Token F1 of the positives with the turned-away ones scored 0, as `hmtqa eval qa` scores them.
+        "mean_token_f1": float(np.where(pos_out, 0.0, pos_f1).mean()),
+    }
 
 
 def run(
@@ -272,14 +318,18 @@ def run(
     negatives: int = 100,
     open_questions: int = 30,
     open_mode: str = "hmt+retrieval",
+    open_half: str = "training",
     closed: bool = True,
 ) -> dict:
     """Extract (or reuse cached) features into ``work``, fit the heads and thresholds, and save
     them into the checkpoint folder.
 
     ``negatives`` questions per set are also asked of another document (for the closed thresholds);
-    ``open_questions`` COVID-QA training questions are answered in ``open_mode`` of their own and of
-    another article (for the open threshold; 0 skips it and keeps the checkpoint's). ``closed=False``
+    ``open_questions`` COVID-QA questions of the ``open_half`` articles are answered in ``open_mode``
+    of their own and of another article (for the open threshold; 0 skips it and keeps the
+    checkpoint's). Recall is more sure of itself on the articles it was trained on, so a threshold
+    for new documents is fitted on the "evaluation" half; its report then carries a cross-fitted
+    estimate (:func:`cross_fitted_threshold`), as those questions also measure it. ``closed=False``
     keeps the checkpoint's closed heads and their report, and fits the open threshold only (after a
     change that touches open answers alone, such as a passage head).
     """
@@ -289,7 +339,9 @@ def run(
         heads = DecisionHeads.load(checkpoint)
         report_path = checkpoint / "decision_training.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-        return _fit_open(engine, root, checkpoint, work, store, heads, report, open_questions, open_mode)
+        return _fit_open(
+            engine, root, checkpoint, work, store, heads, report, open_questions, open_mode, open_half, progress
+        )
     engine.decision_heads = DecisionHeads()  # the model's own scores, not those of older heads
     feature_dir = work / "features"
     sets = {"pubmedqa": pubmedqa_training_rows(root), "evidence-inference": ei_training_rows(root)}
@@ -310,7 +362,9 @@ def run(
             bucket[name] = cached
     heads, report = fit_heads(features, options, negative_features)
     heads.open_threshold = DecisionHeads.load(checkpoint).open_threshold
-    return _fit_open(engine, root, checkpoint, work, store, heads, report, open_questions, open_mode)
+    return _fit_open(
+        engine, root, checkpoint, work, store, heads, report, open_questions, open_mode, open_half, progress
+    )
 
 
 def _fit_open(
@@ -323,19 +377,29 @@ def _fit_open(
     report: dict,
     open_questions: int,
     open_mode: str,
+    open_half: str = "training",
+    progress=None,
 ) -> dict:
     """Fit the open-answer threshold (when ``open_questions``), then save ``heads`` and ``report``."""
     feature_dir = work / "features"
     # Answers as the model gives them, with no threshold: an abstained answer would score token F1 0.
     engine.decision_heads = DecisionHeads()
     if open_questions:
-        pos = covid_training_rows(root, open_questions)
-        conf_path = feature_dir / f"open-{open_mode.replace('+', '_')}-{open_questions}.npz"
+        pos = covid_open_rows(root, open_questions, open_half)
+        # Confidences depend on the model, its dtype and the answering settings: the cache is keyed
+        # by all of them, so a changed checkpoint never reuses an older one's answers.
+        key = json.dumps([engine.fingerprint, dataclasses.asdict(engine.config), open_mode], sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        conf_path = feature_dir / f"open-{open_mode.replace('+', '_')}-{open_half}-{open_questions}-{digest}.npz"
         if conf_path.is_file():
             cached = dict(np.load(conf_path))
         else:
-            pc, pf = open_confidences(engine, store, pos, open_mode)
-            nc, _ = open_confidences(engine, store, negative_rows(pos, open_questions), open_mode)
+            cb = {
+                tag: (lambda d, t, n=tag: progress(n, d, t)) if progress else None
+                for tag in ("open", "open-negative")
+            }
+            pc, pf = open_confidences(engine, store, pos, open_mode, cb["open"])
+            nc, _ = open_confidences(engine, store, negative_rows(pos, open_questions), open_mode, cb["open-negative"])
             cached = {"pos": pc, "pos_f1": pf, "neg": nc}
             feature_dir.mkdir(parents=True, exist_ok=True)
             np.savez(conf_path, **cached)
@@ -346,8 +410,15 @@ def _fit_open(
         report["open"].update(
             {
                 "mode": open_mode,
-                "set": "covid-qa (training-half articles)",
+                "set": f"covid-qa ({open_half}-half articles)",
+                "half": open_half,
                 "mean_token_f1": float(cached["pos_f1"].mean()),
+                "mean_token_f1_kept": float(
+                    np.where(cached["pos"] < heads.open_threshold, 0.0, cached["pos_f1"]).mean()
+                ),
+                "cross_fitted": cross_fitted_threshold(
+                    cached["pos"], cached["pos_f1"], cached["neg"], [r.document_id() for r in pos]
+                ),
             }
         )
     heads.save(checkpoint)

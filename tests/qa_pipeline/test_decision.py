@@ -266,7 +266,7 @@ def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
               answer=f"drug {chr(65 + i)}", evidence=[(0, 30)])
         for i in range(12)
     ]
-    monkeypatch.setattr(decision_recipe, "covid_training_rows", lambda root, limit: rows[:limit])
+    monkeypatch.setattr(decision_recipe, "covid_open_rows", lambda root, limit, half: rows[:limit])
     engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4))
     store = engine.open_store(tmp_path / "store")
     report = decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=12, closed=False)
@@ -278,3 +278,64 @@ def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
     assert json.loads((ckpt / "decision_training.json").read_text())["open"] == report["open"]
     with pytest.raises(ValueError, match="nothing to fit"):
         decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=0, closed=False)
+
+
+def test_cross_fitted_threshold_judges_each_article_by_the_others():
+    """Two articles whose answerable questions are unlike in confidence: fitted in-sample, the
+    threshold turns away 10% of them; judged by the other article's threshold, one article keeps
+    every answer and the other loses every one. The cross-fitted figure must show that."""
+    from qa_pipeline.decision import fit_threshold
+    from qa_pipeline.decision_recipe import cross_fitted_threshold
+
+    pos = np.concatenate([np.linspace(0.6, 1.0, 50), np.linspace(0.2, 0.55, 50)])
+    neg = np.zeros(100)  # every question asked of another article: confidence 0
+    f1 = np.ones(100)
+    groups = ["a"] * 50 + ["b"] * 50
+    _, in_sample = fit_threshold(pos, f1 >= 0.3, neg)
+    assert in_sample["positives_abstained"] == pytest.approx(0.1, abs=0.02)
+    cross = cross_fitted_threshold(pos, f1, neg, groups)
+    assert cross["folds"] == 2 and len(cross["thresholds"]) == 2
+    # Fold "a" is judged by b's threshold (about 0.24): all kept; fold "b" by a's (about 0.64): none kept.
+    assert cross["positives_abstained"] == pytest.approx(0.5)
+    assert cross["negatives_abstained"] == 1.0
+    assert cross["mean_token_f1"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="negative"):
+        cross_fitted_threshold(pos, f1, neg[:10], groups)
+
+
+def test_open_rows_come_from_one_half_of_the_articles(tmp_path):
+    """`--open-half`: the two halves split the COVID-QA articles between them, as recall's split does."""
+    import json
+
+    from qa_pipeline.decision_recipe import covid_open_rows
+    from qa_pipeline.recall_eval import is_train_article
+
+    data = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "document_id": k,
+                        "context": f"Article {k} says the answer is value {k}.",
+                        "qas": [
+                            {"id": 10 * k + j, "question": f"Q{j} of {k}?",
+                             "answers": [{"text": f"value {k}", "answer_start": 25 + len(str(k))}]}
+                            for j in range(2)
+                        ],
+                    }
+                ]
+            }
+            for k in range(12)
+        ]
+    }
+    (tmp_path / "covid-qa").mkdir()
+    (tmp_path / "covid-qa" / "covidqa_dev.json").write_text(json.dumps(data))
+    train = covid_open_rows(tmp_path, 100, "training")
+    evaluation = covid_open_rows(tmp_path, 100, "evaluation")
+    assert len(train) + len(evaluation) == 24 and train and evaluation
+    assert all(is_train_article(r.document_id()) for r in train)
+    assert not any(is_train_article(r.document_id()) for r in evaluation)
+    # Spread over articles: a limit takes each article's first question before any second one.
+    assert len({r.document_id() for r in covid_open_rows(tmp_path, 3, "evaluation")}) == 3
+    with pytest.raises(ValueError, match="unknown half"):
+        covid_open_rows(tmp_path, 3, "test")
