@@ -18,7 +18,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .documents import Document
-from .engine import Answer, Engine
+from .engine import Answer, Engine, QAError
 from .metrics import spans_overlap, summarize
 from .qa_data import QARow
 from .recall_eval import gold_segments
@@ -50,6 +50,30 @@ def _read_lines(path: Path) -> list[tuple[tuple[str, str] | None, str]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             out.append((None, line))
     return out
+
+
+class ForeignAnswers(QAError):
+    """The output file holds answers given by another model or with other answering settings."""
+
+
+def _check_stamps(paths: list[Path], stamp: str) -> None:
+    """Refuse to add answers to files that hold answers stamped by another model or settings (the
+    metrics would mix the two silently); records of versions that stamped nothing pass with a warning."""
+    for path in paths:
+        stamps: dict[str | None, int] = {}
+        for key, line in _read_lines(path):
+            if key is not None:
+                other = json.loads(line).get("answered_by")
+                stamps[other] = stamps.get(other, 0) + 1
+        foreign = {k: n for k, n in stamps.items() if k is not None and k != stamp}
+        if foreign:
+            raise ForeignAnswers(
+                f"{path} holds {sum(foreign.values())} answers of another model or other answering settings "
+                f"(stamp {', '.join(sorted(foreign))}; this run's is {stamp}): a changed checkpoint, "
+                "threshold, dtype or option. Give another output file, or delete this one to start again."
+            )
+        if stamps.get(None):
+            logger.warning("%s: %d answers carry no model stamp (an older version); resuming beside them", path, stamps[None])
 
 
 def _done_keys(path: Path) -> set[tuple[str, str]]:
@@ -172,6 +196,8 @@ def run_batch(
     out_path = Path(out_path)
     part = out_path if world == 1 else out_path.with_name(f"{out_path.name}.rank{rank}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = engine.answer_stamp
+    _check_stamps([out_path, *_part_paths(out_path)], stamp)
     if world == 1:
         merge_parts(out_path)  # records of an interrupted torchrun run
     done = _done_keys(out_path)
@@ -184,6 +210,7 @@ def run_batch(
         for i, (row, mode) in enumerate(todo):
             record = _answer_row(engine, store, row, mode)
             record["rank"] = rank
+            record["answered_by"] = stamp
             out.write(json.dumps(record, default=str) + "\n")
             out.flush()
             if progress is not None:

@@ -16,6 +16,7 @@ without a head keep plain likelihood.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,16 @@ class DecisionHeads:
         logits = head.logits(np.asarray(logprobs)[inv], hidden)[order]
         probs = np.exp(logits - logits.max())
         return probs / probs.sum(), head.threshold
+
+    def digest(self) -> str:
+        """A short hash of every head and threshold: answers given under other heads differ."""
+        h = hashlib.sha256(repr(self.open_threshold).encode())
+        for key in sorted(self.heads):
+            head = self.heads[key]
+            h.update(json.dumps([head.options, head.lm_weight, head.threshold]).encode())
+            for name in ("bias", "weight", "center", "scale"):
+                h.update(np.ascontiguousarray(getattr(head, name), dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -252,6 +252,15 @@ class Engine:
         }
 
     @property
+    def answer_stamp(self) -> str:
+        """A short hash of everything an answer depends on besides its question and document: the
+        model (``fingerprint``), its decision heads and thresholds, and the answering settings.
+        Batch output files carry it, so answers of another model are never mixed into one's metrics."""
+        settings = {k: v for k, v in asdict(self.config).items() if k not in ("checkpoint", "device")}
+        body = {"model": self.fingerprint, "heads": self.decision_heads.digest(), "settings": settings}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
     def recall_scale(self) -> float:
         """Recall's logits are this times the inner product of a query and a stored key."""
         with torch.no_grad():

@@ -135,6 +135,17 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
     result = json.loads(capsys.readouterr().out)
     assert list(result["metrics"]) == ["hmt", "none"]  # this run's modes only
     assert sum(keys(out).values()) == 15 and set(keys(out).values()) == {1}
+    stamps = {json.loads(line).get("answered_by") for line in out.read_text().splitlines()}
+    assert len(stamps) == 1 and None not in stamps  # one model and settings answered them all
+
+    # Other answering settings (as a new threshold or checkpoint would) must not add their answers
+    # beside these: the metrics would mix two models. The file is left as it was.
+    size = out.stat().st_size
+    other = [*argv[:-len(MODEL)], "--modes", "hmt+retrieval", *MODEL[:-1], "4"]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "another model or other answering settings" in err and str(out) in err
+    assert out.stat().st_size == size
 
 
 def test_malformed_lines_are_reported_and_the_rest_is_answered(tmp_path, capsys):

@@ -339,3 +339,22 @@ def test_open_rows_come_from_one_half_of_the_articles(tmp_path):
     assert len({r.document_id() for r in covid_open_rows(tmp_path, 3, "evaluation")}) == 3
     with pytest.raises(ValueError, match="unknown half"):
         covid_open_rows(tmp_path, 3, "test")
+
+
+def test_the_answer_stamp_follows_heads_thresholds_and_settings(tmp_path):
+    """Batch files are stamped with what the answers depend on: the same model and settings give the
+    same stamp in another process; a new threshold, head or setting gives another."""
+    from qa_pipeline.engine import Engine, EngineConfig
+
+    ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 8.0])
+    config = EngineConfig(backbone="tiny-random", checkpoint=str(ckpt))
+    engine = Engine(config)
+    stamp = engine.answer_stamp
+    assert Engine(config).answer_stamp == stamp
+    engine.decision_heads.open_threshold = 0.3
+    assert engine.answer_stamp != stamp
+    engine.decision_heads = DecisionHeads.load(ckpt)
+    assert engine.answer_stamp == stamp
+    next(iter(engine.decision_heads.heads.values())).bias[2] = 7.0
+    assert engine.answer_stamp != stamp
+    assert Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=9)).answer_stamp != stamp
