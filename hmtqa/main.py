@@ -179,6 +179,11 @@ def _open_summary(r: dict) -> str:
         f"{r.get('half', 'training')}-half COVID-QA articles, {r['positives_abstained']:.0%} of them turned "
         f"away; {r['negatives_abstained']:.0%} of those asked of another article)"
     )
+    if r.get("auroc") is not None:
+        line += (
+            f"\n  confidence AUROC, own vs other article: {r['auroc']:.2f}; the {r['max_abstain']:.0%} threshold "
+            f"{r['candidate_threshold']:.3f} would catch {r['negatives_below_candidate']:.1%} of the others"
+        )
     cross = r.get("cross_fitted")
     if cross:
         line += (

@@ -249,6 +249,10 @@ def fit_threshold(
         "positives_abstained": float((~kept).mean()) if len(pos) else 0.0,
         "negatives_abstained": float((neg < t).mean()) if len(neg) else 0.0,
         "negatives_below_candidate": caught,
+        # How well confidence ranks answerable above unanswerable questions (0.5: not at all).
+        "auroc": float(((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean())
+        if len(pos) and len(neg)
+        else None,
         "accuracy_all_positives": float(correct.mean()) if len(pos) else 0.0,
         "accuracy_kept_positives": float(correct[kept].mean()) if kept.any() else 0.0,
         "n_positive": int(len(pos)),

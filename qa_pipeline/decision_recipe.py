@@ -11,7 +11,6 @@ in seconds, its penalty chosen by cross-validated macro-F1 on the training quest
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -387,10 +386,9 @@ def _fit_open(
     if open_questions:
         pos = covid_open_rows(root, open_questions, open_half)
         # Confidences depend on the model, its dtype and the answering settings: the cache is keyed
-        # by all of them, so a changed checkpoint never reuses an older one's answers.
-        key = json.dumps([engine.fingerprint, dataclasses.asdict(engine.config), open_mode], sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        conf_path = feature_dir / f"open-{open_mode.replace('+', '_')}-{open_half}-{open_questions}-{digest}.npz"
+        # by the engine's answer stamp, so a changed checkpoint never reuses an older one's answers.
+        stamp = engine.answer_stamp
+        conf_path = feature_dir / f"open-{open_mode.replace('+', '_')}-{open_half}-{open_questions}-{stamp}.npz"
         if conf_path.is_file():
             cached = dict(np.load(conf_path))
         else:

@@ -293,6 +293,8 @@ def test_cross_fitted_threshold_judges_each_article_by_the_others():
     groups = ["a"] * 50 + ["b"] * 50
     _, in_sample = fit_threshold(pos, f1 >= 0.3, neg)
     assert in_sample["positives_abstained"] == pytest.approx(0.1, abs=0.02)
+    assert in_sample["auroc"] == 1.0  # every answerable question above every other-article one
+    assert fit_threshold(np.array([0.2, 0.6]), np.ones(2, bool), np.array([0.4, 0.6]))[1]["auroc"] == 0.375
     cross = cross_fitted_threshold(pos, f1, neg, groups)
     assert cross["folds"] == 2 and len(cross["thresholds"]) == 2
     # Fold "a" is judged by b's threshold (about 0.24): all kept; fold "b" by a's (about 0.64): none kept.
