@@ -161,9 +161,10 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
                 for name, r in report.items()
                 if "cv" in r
             )
+            + (_open_summary(report["open"]) if "open" in report else "")
             + (
-                _open_summary(report["open"])
-                if "open" in report
+                _open_summary(report["open_recall"], "recall score", report["open"])
+                if "n_positive" in report.get("open_recall", {})
                 else ""
             )
             + f"\nheads saved in {checkpoint}"
@@ -172,16 +173,20 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _open_summary(r: dict) -> str:
-    """The open threshold's line of `train-decision`'s summary."""
+def _open_summary(r: dict, signal: str = "confidence", reference: dict | None = None) -> str:
+    """One "not in the document" threshold's lines of `train-decision`'s summary (``reference``: the
+    confidence's report, which holds the questions and their token F1)."""
+    ref = reference or r
+    t = r["threshold"]
     line = (
-        f"\nopen answers: threshold {r['threshold']:.3f} ({r['n_positive']} questions of the "
-        f"{r.get('half', 'training')}-half COVID-QA articles, {r['positives_abstained']:.0%} of them turned "
-        f"away; {r['negatives_abstained']:.0%} of those asked of another article)"
+        f"\nopen answers, {signal}: threshold {'none (never abstain)' if t is None else f'{t:.3f}'} "
+        f"({r['n_positive']} questions of the {ref.get('half', 'training')}-half COVID-QA articles, "
+        f"{r['positives_abstained']:.0%} of them turned away; {r['negatives_abstained']:.0%} of those asked "
+        "of another article)"
     )
     if r.get("auroc") is not None:
         line += (
-            f"\n  confidence AUROC, own vs other article: {r['auroc']:.2f}; the {r['max_abstain']:.0%} threshold "
+            f"\n  {signal} AUROC, own vs other article: {r['auroc']:.2f}; the {r['max_abstain']:.0%} threshold "
             f"{r['candidate_threshold']:.3f} would catch {r['negatives_below_candidate']:.1%} of the others"
         )
     cross = r.get("cross_fitted")
@@ -189,7 +194,7 @@ def _open_summary(r: dict) -> str:
         line += (
             f"\n  cross-fitted over {cross['folds']} folds of articles: {cross['positives_abstained']:.0%} "
             f"turned away, {cross['negatives_abstained']:.0%} of the negatives; token F1 "
-            f"{cross['mean_token_f1']:.3f} (no threshold {r['mean_token_f1']:.3f})"
+            f"{cross['mean_token_f1']:.3f} (no threshold {ref['mean_token_f1']:.3f})"
         )
     return line
 

@@ -59,13 +59,31 @@ class OptionHead:
 class DecisionHeads:
     """The heads of one checkpoint, found by option set."""
 
-    def __init__(self, heads: list[OptionHead] | None = None, open_threshold: float = 0.0) -> None:
+    def __init__(
+        self,
+        heads: list[OptionHead] | None = None,
+        open_threshold: float = 0.0,
+        open_recall_threshold: float | None = None,
+    ) -> None:
         self.heads = {option_key(h.options): h for h in heads or []}
         # Open answers with a confidence below this say the document does not seem to say (0: never).
         self.open_threshold = open_threshold
+        # ... and so do those whose recall score (the passage head's best logit for the question, see
+        # ``Answer.recall_score``) is below this; a logit, so None (not 0) means never.
+        self.open_recall_threshold = open_recall_threshold
 
     def __bool__(self) -> bool:
-        return bool(self.heads) or self.open_threshold > 0
+        return bool(self.heads) or self.open_threshold > 0 or self.open_recall_threshold is not None
+
+    def open_abstains(self, confidence: float | None, recall_score: float | None) -> bool:
+        """Whether an open answer of the HMT modes says the document does not seem to say."""
+        low_confidence = bool(self.open_threshold and confidence is not None and confidence < self.open_threshold)
+        low_recall = (
+            self.open_recall_threshold is not None
+            and recall_score is not None
+            and recall_score < self.open_recall_threshold
+        )
+        return low_confidence or low_recall
 
     def find(self, options: list[str]) -> tuple[OptionHead, list[int]] | None:
         """The head for ``options`` and, for each of the user's options, its index in the head."""
@@ -92,6 +110,8 @@ class DecisionHeads:
     def digest(self) -> str:
         """A short hash of every head and threshold: answers given under other heads differ."""
         h = hashlib.sha256(repr(self.open_threshold).encode())
+        if self.open_recall_threshold is not None:  # absent from older digests, which stay valid
+            h.update(repr(self.open_recall_threshold).encode())
         for key in sorted(self.heads):
             head = self.heads[key]
             h.update(json.dumps([head.options, head.lm_weight, head.threshold]).encode())
@@ -115,7 +135,11 @@ class DecisionHeads:
             )
         if tensors:
             save_file(tensors, str(folder / WEIGHTS_FILE))
-        body = {"heads": meta, "open_threshold": self.open_threshold}
+        body = {
+            "heads": meta,
+            "open_threshold": self.open_threshold,
+            "open_recall_threshold": self.open_recall_threshold,
+        }
         (folder / HEADS_FILE).write_text(json.dumps(body, indent=2) + "\n")
 
     @classmethod
@@ -142,7 +166,12 @@ class DecisionHeads:
                     **arrays,
                 )
             )
-        return cls(heads, open_threshold=float(body.get("open_threshold", 0.0)))
+        recall_threshold = body.get("open_recall_threshold")
+        return cls(
+            heads,
+            open_threshold=float(body.get("open_threshold", 0.0)),
+            open_recall_threshold=None if recall_threshold is None else float(recall_threshold),
+        )
 
 
 def fit_option_head(
@@ -220,6 +249,7 @@ def fit_threshold(
     confidence_neg: np.ndarray,
     *,
     max_abstain: float = 0.1,
+    never: float = 0.0,
 ) -> tuple[float, dict]:
     """The "not in the document" threshold, from questions asked of their own document (positives:
     confidence and whether the answer was right) and of a document that lacks the answer (negatives).
@@ -228,7 +258,8 @@ def fit_threshold(
     ``max_abstain`` of the positives: it is that quantile of their confidence. What it buys is
     reported beside it: the share of negatives it catches (no better than ``max_abstain`` when
     confidence does not tell the two apart) and the accuracy of the positives it keeps. When it
-    catches fewer than twice as many negatives as positives it turns away, it is 0 (never abstain).
+    catches fewer than twice as many negatives as positives it turns away, it is ``never``: 0 for
+    confidences in [0, 1], ``-inf`` for scores of any sign such as logits (reported as None).
     """
     pos, neg = np.asarray(confidence_pos, float), np.asarray(confidence_neg, float)
     correct = np.asarray(correct_pos, bool)
@@ -240,9 +271,9 @@ def fit_threshold(
     useful = caught >= 2 * float((~kept).mean()) if len(pos) else False
     info_t = t
     if not useful:
-        t, kept = 0.0, np.ones_like(pos, dtype=bool)
+        t, kept = never, np.ones_like(pos, dtype=bool)
     return t, {
-        "threshold": t,
+        "threshold": t if np.isfinite(t) else None,
         "useful": useful,
         "candidate_threshold": info_t,
         "max_abstain": max_abstain,

@@ -246,6 +246,27 @@ def open_confidences(
     return np.asarray(conf), np.asarray(f1)
 
 
+def open_recall_scores(
+    engine: Engine,
+    store: MemoryStore,
+    rows: list[QARow],
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """``Answer.recall_score`` of each row's question on its document (nan without passage keys);
+    recall only, no answer is generated."""
+    out = []
+    for i, row in enumerate(rows):
+        text = row.load_document()
+        doc_id = row.document_id(text)
+        if doc_id not in store:
+            engine.ingest(store, Document(doc_id=doc_id, title=doc_id, text=text, source="train-decision"))
+        score = engine.recall_score(store, doc_id, row.question)
+        out.append(np.nan if score is None else score)
+        if progress is not None:
+            progress(i + 1, len(rows))
+    return np.asarray(out, dtype=np.float64)
+
+
 def save_features(folder: Path, name: str, feats: dict[str, dict[str, np.ndarray]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for mode, d in feats.items():
@@ -278,7 +299,13 @@ def covid_open_rows(root: Path, limit: int, half: str = "training") -> list[QARo
 
 
 def cross_fitted_threshold(
-    pos: np.ndarray, pos_f1: np.ndarray, neg: np.ndarray, groups: list[str], *, folds: int = 2
+    pos: np.ndarray,
+    pos_f1: np.ndarray,
+    neg: np.ndarray,
+    groups: list[str],
+    *,
+    folds: int = 2,
+    never: float = 0.0,
 ) -> dict:
     """What a threshold fitted on these questions does to questions it was not fitted on: articles
     dealt into ``folds`` folds, each fold judged by the threshold fitted on the others' questions.
@@ -293,8 +320,8 @@ def cross_fitted_threshold(
     thresholds = []
     for f in range(folds):
         here = fold_of == f
-        t, _ = fit_threshold(pos[~here], pos_f1[~here] >= 0.3, neg[~here])
-        thresholds.append(t)
+        t, _ = fit_threshold(pos[~here], pos_f1[~here] >= 0.3, neg[~here], never=never)
+        thresholds.append(t if np.isfinite(t) else None)
         pos_out[here], neg_out[here] = pos[here] < t, neg[here] < t
     return {
         "folds": folds,
@@ -360,7 +387,8 @@ def run(
                 logger.info("%s: features of %d rows in %.0f s", tag, len(todo), time.perf_counter() - start)
             bucket[name] = cached
     heads, report = fit_heads(features, options, negative_features)
-    heads.open_threshold = DecisionHeads.load(checkpoint).open_threshold
+    kept = DecisionHeads.load(checkpoint)
+    heads.open_threshold, heads.open_recall_threshold = kept.open_threshold, kept.open_recall_threshold
     return _fit_open(
         engine, root, checkpoint, work, store, heads, report, open_questions, open_mode, open_half, progress
     )
@@ -405,6 +433,7 @@ def _fit_open(
         heads.open_threshold, report["open"] = fit_threshold(
             cached["pos"], cached["pos_f1"] >= 0.3, cached["neg"]
         )
+        articles = [r.document_id() for r in pos]
         report["open"].update(
             {
                 "mode": open_mode,
@@ -414,11 +443,45 @@ def _fit_open(
                 "mean_token_f1_kept": float(
                     np.where(cached["pos"] < heads.open_threshold, 0.0, cached["pos_f1"]).mean()
                 ),
-                "cross_fitted": cross_fitted_threshold(
-                    cached["pos"], cached["pos_f1"], cached["neg"], [r.document_id() for r in pos]
-                ),
+                "cross_fitted": cross_fitted_threshold(cached["pos"], cached["pos_f1"], cached["neg"], articles),
             }
         )
+        # The second signal: the passage head's best raw score (Answer.recall_score), which also
+        # says how well the best passage matches, not only which passage is best.
+        score_path = feature_dir / f"open-recall-score-{open_half}-{open_questions}-{stamp}.npz"
+        if score_path.is_file():
+            scores = dict(np.load(score_path))
+        else:
+            cb = {
+                tag: (lambda d, t, n=tag: progress(n, d, t)) if progress else None
+                for tag in ("recall score", "recall score-negative")
+            }
+            scores = {
+                "pos": open_recall_scores(engine, store, pos, cb["recall score"]),
+                "neg": open_recall_scores(engine, store, negative_rows(pos, open_questions), cb["recall score-negative"]),
+            }
+            feature_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(score_path, **scores)
+        if np.isnan(scores["pos"]).any() or np.isnan(scores["neg"]).any():
+            heads.open_recall_threshold = None
+            report["open_recall"] = {"useful": False, "threshold": None, "why": "documents without passage keys"}
+        else:
+            t, report["open_recall"] = fit_threshold(
+                scores["pos"], cached["pos_f1"] >= 0.3, scores["neg"], never=-np.inf
+            )
+            heads.open_recall_threshold = float(t) if np.isfinite(t) else None
+            either = (cached["pos"] < heads.open_threshold) | (scores["pos"] < t)
+            report["open_recall"].update(
+                {
+                    "signal": "the passage head's best logit for the question (Answer.recall_score)",
+                    # Token F1 of the positives with every answer either threshold turns away scored
+                    # 0, as `hmtqa eval qa` scores them.
+                    "mean_token_f1_kept": float(np.where(either, 0.0, cached["pos_f1"]).mean()),
+                    "cross_fitted": cross_fitted_threshold(
+                        scores["pos"], cached["pos_f1"], scores["neg"], articles, never=-np.inf
+                    ),
+                }
+            )
     heads.save(checkpoint)
     (checkpoint / "decision_training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

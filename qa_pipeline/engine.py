@@ -121,8 +121,9 @@ class Answer:
     # 0-1. Closed: the probability of the chosen option. Open: from the answer's likelihood and how
     # concentrated the recall is (see ``open_confidence``).
     confidence: float | None = None
-    # True when confidence fell below the checkpoint's threshold: ``answer`` then says the document
-    # does not seem to say (the model's own best answer stays in option_scores / is not shown).
+    # True when confidence (or, open questions, recall_score) fell below the checkpoint's threshold:
+    # ``answer`` then says the document does not seem to say (the model's own best answer stays in
+    # option_scores / ``best_guess``).
     abstained: bool = False
     support: Support | None = None  # the evidence sentence that supports the answer
     # Open questions: the sentence the model wrote; ``answer`` is its short answer, the part that does
@@ -131,6 +132,12 @@ class Answer:
     # How many of ``evidence`` (best first) went into the prompt as text: 0 in mode hmt, the document
     # window in mode none.
     prompt_passages: int = 0
+    # Open questions in the HMT modes: how well the document's best passage matches the question, by
+    # the model's own passage head (its logit, before the softmax over the document's passages). The
+    # softmax share says which passage is best *in this document*; this raw score also says how good
+    # the best one is, so it is low when the document does not hold the answer at all. None without
+    # passage keys.
+    recall_score: float | None = None
     query: list[float] | None = field(default=None, repr=False)  # the recall query q, for plots
     # Closed questions: each option's log-likelihood and the state the decision is read from (the
     # decision head's inputs; kept out of the JSON record).
@@ -587,14 +594,17 @@ class Engine:
         text = store.get_text(doc_id)
         version = (info.version,)
         recall, query, state, evidence, in_prompt = [], None, None, [], 0
-        model, prompt_ids = self.model, question_ids
+        model, prompt_ids, recall_score = self.model, question_ids, None
         recall_ids = self._recall_ids(question)
         if mode in ("hmt", "hmt+retrieval"):
             state, recall, query = self._memory_for(store, doc_id, recall_ids, version)
             evidence = self._segment_evidence(store, doc_id, text, recall, self.config.evidence_k)
+            scored = None if options else self._passage_scores(store, doc_id, recall_ids, version)
+            if scored is not None:
+                recall_score = float(scored[1].max())
             if mode == "hmt+retrieval":
                 in_prompt = self.config.retrieval_segments
-                passages = None if options else self._passage_evidence(store, doc_id, text, recall_ids, version)
+                passages = None if scored is None else self._passage_evidence(text, *scored)
                 if passages is not None:
                     evidence, in_prompt = passages
                 # The passages the recall chose go in as text, in the answering segment itself (wider
@@ -639,10 +649,12 @@ class Engine:
         if confidence is None:
             confidence = open_confidence(response.answer_logprob, recall)
         # Thresholds were fitted on the HMT answering pass; the plain-backbone modes never abstain.
-        threshold = None
-        if model is self.model:
-            threshold = response.threshold if options else self.decision_heads.open_threshold
-        abstained = bool(threshold and confidence is not None and confidence < threshold)
+        abstained = False
+        if model is self.model:  # thresholds were fitted on the HMT answering pass
+            if options:
+                abstained = bool(response.threshold and confidence is not None and confidence < response.threshold)
+            else:
+                abstained = self.decision_heads.open_abstains(confidence, recall_score)
         sentence = None if options else response.answer
         phrase = response.answer if options else answer_phrase(response.answer, question)
         total_s = time.perf_counter() - start
@@ -661,6 +673,7 @@ class Engine:
             support=supporting_sentence(text, evidence, response.answer, question),
             sentence=sentence,
             prompt_passages=in_prompt,
+            recall_score=recall_score,
             query=query,
             option_logprobs=response.option_logprobs,
             decision_state=response.decision_state,
@@ -751,17 +764,14 @@ class Engine:
             out.append(Evidence(idx, s.char_start, s.char_end, weight, text[s.char_start : s.char_end][:400]))
         return out
 
-    def _passage_evidence(
-        self, store: MemoryStore, doc_id: str, text: str, recall_ids: torch.Tensor, version: tuple = ()
-    ) -> tuple[list[Evidence], int] | None:
-        """Passages ranked by the model's passage head (``HMTModel.passage_head``: its own head when
-        the checkpoint has one, else the segment recall head), best first, and how many fill the
-        prompt's budget (``retrieval_segments * segment_length`` tokens); None when the document has
-        no passage keys (ingested with ``passage_tokens=0``, or by an older version) or passages are off.
-
-        A passage's weight is its share of the head's softmax over all the document's passages: the
-        weight recall would give it if passages were the memories.
-        """
+    def _passage_scores(
+        self, store: MemoryStore, doc_id: str, recall_ids: torch.Tensor, version: tuple = ()
+    ) -> tuple[dict, np.ndarray] | None:
+        """The document's passage arrays and the model's passage head logits for the question, one
+        per real passage (``arrays["passage_tokens"] > 0``, flattened, in order); None when the
+        document has no passage keys (ingested with ``passage_tokens=0``, or by an older version) or
+        passages are off. ``HMTModel.passage_head`` is the checkpoint's own passage head when it has
+        one, else the segment recall head."""
         if not self.config.passage_tokens:
             return None
         arrays = self._passage_arrays(store, doc_id, version)
@@ -771,10 +781,26 @@ class Engine:
         query = self._query(recall_ids, head)
         with torch.no_grad():
             scale = float(head.scale())
+        real = arrays["passage_tokens"].reshape(-1) > 0
+        keys = arrays["passage_key"].reshape(-1, arrays["passage_key"].shape[-1])[real]
+        return arrays, (keys @ query) * scale
+
+    def recall_score(self, store: MemoryStore, doc_id: str, question: str) -> float | None:
+        """``Answer.recall_score`` of an open question, without answering it (fitting its threshold)."""
+        self.check_store(store)
+        info = store.get_document(doc_id)
+        scored = self._passage_scores(store, doc_id, self._recall_ids(question.strip()), (info.version,))
+        return None if scored is None else float(scored[1].max())
+
+    def _passage_evidence(self, text: str, arrays: dict, logits: np.ndarray) -> tuple[list[Evidence], int]:
+        """Passages ranked by their ``_passage_scores`` logits, best first, and how many fill the
+        prompt's budget (``retrieval_segments * segment_length`` tokens).
+
+        A passage's weight is its share of the head's softmax over all the document's passages: the
+        weight recall would give it if passages were the memories.
+        """
         tokens = arrays["passage_tokens"].reshape(-1)
         real = np.flatnonzero(tokens > 0)
-        keys = arrays["passage_key"].reshape(-1, arrays["passage_key"].shape[-1])[real]
-        logits = (keys @ query) * scale
         weights = np.zeros(tokens.shape, dtype=np.float64)
         weights[real] = np.exp(logits - logits.max())
         weights /= weights.sum()

@@ -75,9 +75,10 @@ def test_heads_round_trip_and_match_options_in_any_order_and_case(tmp_path):
         threshold=0.4,
         info={"n": 3},
     )
-    DecisionHeads([head], open_threshold=0.2).save(tmp_path)
+    DecisionHeads([head], open_threshold=0.2, open_recall_threshold=-3.5).save(tmp_path)
     loaded = DecisionHeads.load(tmp_path)
     assert loaded.open_threshold == pytest.approx(0.2)
+    assert loaded.open_recall_threshold == pytest.approx(-3.5)  # a logit: below 0 is a real threshold
     lp, hid = np.array([-1.0, -2.0, -3.0]), np.linspace(-1, 1, d)
     probs, threshold = loaded.decide(["yes", "no", "maybe"], lp, hid)
     assert threshold == pytest.approx(0.4)
@@ -235,6 +236,53 @@ def test_open_answers_abstain_below_the_open_threshold_in_hmt_modes_only(tmp_pat
     )
 
 
+def test_open_answers_abstain_below_the_recall_score_threshold_in_hmt_modes_only(tmp_path):
+    """Each open answer of the HMT modes carries the passage head's best logit for its question; below
+    the checkpoint's recall threshold it says the document does not seem to say, whatever its
+    confidence. The plain-backbone modes have no recall score and never abstain."""
+    from qa_pipeline.documents import load_text
+    from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine, EngineConfig
+
+    ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 0.0])
+    engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4))
+    store = engine.open_store(tmp_path / "store")
+    engine.ingest(store, load_text("Aspirin lowered the risk in the trial. " * 40, doc_id="d"))
+    question = "What did aspirin do?"
+    score = engine.recall_score(store, "d", question)
+    for mode in ("hmt", "hmt+retrieval"):
+        ans = engine.ask(store, "d", question, mode=mode, record=False)
+        # The same score answering as without answering, in the record, and the same in both modes.
+        assert ans.recall_score == pytest.approx(score) and ans.to_json()["recall_score"] == ans.recall_score
+        assert not ans.abstained
+    dense = engine.ask(store, "d", question, mode="dense-rag", record=False)
+    assert dense.recall_score is None
+    engine.decision_heads.open_recall_threshold = score + 1e-3
+    for mode in ("hmt", "hmt+retrieval"):
+        ans = engine.ask(store, "d", question, mode=mode, record=False)
+        assert ans.abstained and ans.answer == NOT_IN_DOCUMENT
+    assert not engine.ask(store, "d", question, mode="dense-rag", record=False).abstained
+    engine.decision_heads.open_recall_threshold = score - 1e-3
+    assert not engine.ask(store, "d", question, mode="hmt", record=False).abstained
+    # Closed questions keep their own thresholds: no recall score, never turned away by it.
+    engine.decision_heads.open_recall_threshold = score + 10.0
+    closed = engine.ask(store, "d", "Did it?", mode="hmt", options=["yes", "no", "maybe"], record=False)
+    assert closed.recall_score is None and not closed.abstained
+
+
+def test_a_score_threshold_that_does_not_separate_means_never_not_zero():
+    """Recall scores are logits of any sign: a threshold that does not pay for itself is -inf (None
+    in the report), since 0 would turn away every answer scored below 0."""
+    from qa_pipeline.decision import fit_threshold
+
+    rng = np.random.default_rng(2)
+    same = rng.normal(-5.0, 1.0, 400)
+    t, info = fit_threshold(same[:200], np.ones(200, bool), same[200:], never=-np.inf)
+    assert t == -np.inf and info["threshold"] is None and not info["useful"]
+    assert info["positives_abstained"] == 0.0
+    t, info = fit_threshold(same[:200], np.ones(200, bool), same[200:] - 10.0, never=-np.inf)
+    assert info["useful"] and t == info["threshold"] < -5.0 and info["negatives_abstained"] == 1.0
+
+
 def test_a_threshold_that_does_not_separate_is_dropped():
     from qa_pipeline.decision import fit_threshold
 
@@ -275,6 +323,10 @@ def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
     assert (ckpt / "decision_heads.safetensors").read_bytes() == before
     assert [h.threshold for h in saved.heads.values()] == [0.4]
     assert saved.open_threshold == report["open"]["threshold"] < 1.01
+    # The recall-score threshold is fitted from the same questions (recall only) and saved with it.
+    recall = report["open_recall"]
+    assert recall["n_positive"] == recall["n_negative"] == 12 and "cross_fitted" in recall
+    assert saved.open_recall_threshold == (recall["threshold"] if recall["useful"] else None)
     assert json.loads((ckpt / "decision_training.json").read_text())["open"] == report["open"]
     with pytest.raises(ValueError, match="nothing to fit"):
         decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=0, closed=False)
@@ -354,6 +406,9 @@ def test_the_answer_stamp_follows_heads_thresholds_and_settings(tmp_path):
     stamp = engine.answer_stamp
     assert Engine(config).answer_stamp == stamp
     engine.decision_heads.open_threshold = 0.3
+    assert engine.answer_stamp != stamp
+    engine.decision_heads = DecisionHeads.load(ckpt)
+    engine.decision_heads.open_recall_threshold = -2.0
     assert engine.answer_stamp != stamp
     engine.decision_heads = DecisionHeads.load(ckpt)
     assert engine.answer_stamp == stamp
