@@ -122,7 +122,7 @@ def confidence_markdown(answer: Answer) -> str | None:
         return None
     if not answer.abstained:
         return f"**confidence:** {answer.confidence:.2f}"
-    line = f"**low confidence: the document does not seem to say** (confidence {answer.confidence:.2f})"
+    line = f"**the document does not seem to say** ({answer.abstain_reason or f'low confidence {answer.confidence:.2f}'})"
     if answer.best_guess:
         line += f" · the model's best guess: “{md_text(snippet(answer.best_guess, 80))}”"
     return line

@@ -145,7 +145,7 @@ def cmd_ask(ns: argparse.Namespace) -> int:
         if ans.confidence is not None:
             line = f"Confidence: {ans.confidence:.2f}"
             if ans.abstained:
-                line += " (low: the document does not seem to say"
+                line += f" (the document does not seem to say: {ans.abstain_reason or 'low confidence'}"
                 if ans.best_guess:
                     line += f"; best guess: {' '.join(ans.best_guess.split())}"
                 line += ")"

@@ -75,15 +75,18 @@ class DecisionHeads:
     def __bool__(self) -> bool:
         return bool(self.heads) or self.open_threshold > 0 or self.open_recall_threshold is not None
 
-    def open_abstains(self, confidence: float | None, recall_score: float | None) -> bool:
-        """Whether an open answer of the HMT modes says the document does not seem to say."""
-        low_confidence = bool(self.open_threshold and confidence is not None and confidence < self.open_threshold)
-        low_recall = (
-            self.open_recall_threshold is not None
-            and recall_score is not None
-            and recall_score < self.open_recall_threshold
-        )
-        return low_confidence or low_recall
+    def open_abstains(self, confidence: float | None, recall_score: float | None) -> str | None:
+        """Why an open answer of the HMT modes says the document does not seem to say; None when it
+        answers."""
+        if self.open_threshold and confidence is not None and confidence < self.open_threshold:
+            return f"confidence {confidence:.2f} is below {self.open_threshold:.2f}"
+        if self.open_recall_threshold is not None and recall_score is not None:
+            if recall_score < self.open_recall_threshold:
+                return (
+                    f"recall score {recall_score:.1f} is below {self.open_recall_threshold:.1f}: "
+                    "no passage matches the question well"
+                )
+        return None
 
     def find(self, options: list[str]) -> tuple[OptionHead, list[int]] | None:
         """The head for ``options`` and, for each of the user's options, its index in the head."""

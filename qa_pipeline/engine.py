@@ -125,6 +125,7 @@ class Answer:
     # ``answer`` then says the document does not seem to say (the model's own best answer stays in
     # option_scores / ``best_guess``).
     abstained: bool = False
+    abstain_reason: str | None = None  # which threshold turned the answer away, in words
     support: Support | None = None  # the evidence sentence that supports the answer
     # Open questions: the sentence the model wrote; ``answer`` is its short answer, the part that does
     # not restate the question (``answer_text.answer_phrase``).
@@ -649,12 +650,13 @@ class Engine:
         if confidence is None:
             confidence = open_confidence(response.answer_logprob, recall)
         # Thresholds were fitted on the HMT answering pass; the plain-backbone modes never abstain.
-        abstained = False
+        why = None
         if model is self.model:  # thresholds were fitted on the HMT answering pass
-            if options:
-                abstained = bool(response.threshold and confidence is not None and confidence < response.threshold)
-            else:
-                abstained = self.decision_heads.open_abstains(confidence, recall_score)
+            if options and response.threshold and confidence is not None and confidence < response.threshold:
+                why = f"confidence {confidence:.2f} is below {response.threshold:.2f}"
+            elif not options:
+                why = self.decision_heads.open_abstains(confidence, recall_score)
+        abstained = why is not None
         sentence = None if options else response.answer
         phrase = response.answer if options else answer_phrase(response.answer, question)
         total_s = time.perf_counter() - start
@@ -670,6 +672,7 @@ class Engine:
             timings={"recall_s": recall_s, "first_token_s": response.first_token_s, "total_s": total_s},
             confidence=confidence,
             abstained=abstained,
+            abstain_reason=why,
             support=supporting_sentence(text, evidence, response.answer, question),
             sentence=sentence,
             prompt_passages=in_prompt,

@@ -256,12 +256,12 @@ def test_answer_markdown_shows_confidence_and_the_supporting_sentence():
     md = views.answer_markdown(_answer(confidence=0.734, support=support))
     # Document text is escaped: its Markdown (here *emphasis*) shows as the characters themselves.
     assert md.startswith(r"**confidence:** 0.73" "\n\n" r"**supporting sentence:** “The INR was \*2\.4\* on day 3\.”")
-    assert "low confidence" not in md
+    assert "does not seem to say" not in md
 
     scores = {"yes": -0.9, "no": -0.5}
     abstained = _answer(answer=NOT_IN_DOCUMENT, option_scores=scores, confidence=0.21, abstained=True)
     md = views.answer_markdown(abstained)
-    assert "**low confidence: the document does not seem to say** (confidence 0.21)" in md
+    assert "**the document does not seem to say** (low confidence 0.21)" in md
     assert "best guess: “no”" in md and "supporting sentence" not in md
     # An open question that abstained shows the short answer of the sentence the model wrote.
     sentence = "The INR was 2.4 on day 3."
@@ -269,6 +269,10 @@ def test_answer_markdown_shows_confidence_and_the_supporting_sentence():
         question="What was the INR?", answer=NOT_IN_DOCUMENT, confidence=0.1, abstained=True, sentence=sentence
     )
     assert "best guess: “2\\.4 on day 3”" in views.answer_markdown(open_abstained)
+    # Turned away by the recall score, not the confidence: the line says which.
+    reason = "recall score 0.8 is below 10.3: no passage matches the question well"
+    by_recall = _answer(answer=NOT_IN_DOCUMENT, confidence=0.4, abstained=True, abstain_reason=reason)
+    assert f"**the document does not seem to say** ({reason})" in views.answer_markdown(by_recall)
     assert "best guess" not in views.answer_markdown(_answer(answer=NOT_IN_DOCUMENT, confidence=0.1, abstained=True))
     assert "confidence" not in views.answer_markdown(_answer())
 
@@ -310,5 +314,5 @@ def test_show_answer_marks_the_supporting_sentence(service):
     if isinstance(pieces[0], dict):  # Gradio keeps the value in its own format
         pieces = [(p["token"], p["class_or_confidence"]) for p in pieces]
     assert [p for p, label in pieces if label == views.SUPPORT_LABEL] == [answer.support.text]
-    assert f"**confidence:** {answer.confidence:.2f}" in md or "low confidence" in md
+    assert f"**confidence:** {answer.confidence:.2f}" in md or "does not seem to say" in md
     assert "**supporting sentence:**" in md

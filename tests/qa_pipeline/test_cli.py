@@ -102,7 +102,9 @@ def test_ask_text_says_when_the_model_abstains(store, capsys, monkeypatch):
 
     def abstaining(self, *args, **kwargs):
         ans = real_ask(self, *args, **kwargs)
-        return dataclasses.replace(ans, answer=NOT_IN_DOCUMENT, confidence=0.123, abstained=True)
+        return dataclasses.replace(
+            ans, answer=NOT_IN_DOCUMENT, confidence=0.123, abstained=True, abstain_reason="confidence 0.12 is below 0.40"
+        )
 
     monkeypatch.setattr(Engine, "ask", abstaining)
     where = ["--store", str(store), "--doc", "trial"]
@@ -110,7 +112,7 @@ def test_ask_text_says_when_the_model_abstains(store, capsys, monkeypatch):
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0] == f"Answer (hmt+retrieval): {NOT_IN_DOCUMENT}"  # the default mode
-    low = "Confidence: 0.12 (low: the document does not seem to say; best guess: "
+    low = "Confidence: 0.12 (the document does not seem to say: confidence 0.12 is below 0.40; best guess: "
     assert lines[1].startswith(low) and lines[1].endswith(")") and lines[1][len(low) : -1] in OPTIONS
 
 
@@ -147,7 +149,12 @@ def test_ask_text_shows_an_abstained_open_answers_best_guess(store, capsys, monk
     def abstained(self, *args, **kwargs):
         ans = real_ask(self, *args, **kwargs)
         return dataclasses.replace(
-            ans, answer=NOT_IN_DOCUMENT, abstained=True, confidence=0.3, sentence="The drug given was\nmetformin."
+            ans,
+            answer=NOT_IN_DOCUMENT,
+            abstained=True,
+            confidence=0.3,
+            sentence="The drug given was\nmetformin.",
+            abstain_reason="recall score 0.8 is below 10.3: no passage matches the question well",
         )
 
     monkeypatch.setattr(Engine, "ask", abstained)
@@ -155,7 +162,8 @@ def test_ask_text_shows_an_abstained_open_answers_best_guess(store, capsys, monk
     assert rc == 0, err
     assert out.splitlines()[:2] == [
         f"Answer (hmt+retrieval): {NOT_IN_DOCUMENT}",
-        "Confidence: 0.30 (low: the document does not seem to say; best guess: metformin)",
+        "Confidence: 0.30 (the document does not seem to say: recall score 0.8 is below 10.3: no passage matches "
+        "the question well; best guess: metformin)",
     ]
 
 

@@ -260,6 +260,7 @@ def test_open_answers_abstain_below_the_recall_score_threshold_in_hmt_modes_only
     for mode in ("hmt", "hmt+retrieval"):
         ans = engine.ask(store, "d", question, mode=mode, record=False)
         assert ans.abstained and ans.answer == NOT_IN_DOCUMENT
+        assert ans.abstain_reason.startswith("recall score") and ans.to_json()["abstain_reason"] == ans.abstain_reason
     assert not engine.ask(store, "d", question, mode="dense-rag", record=False).abstained
     engine.decision_heads.open_recall_threshold = score - 1e-3
     assert not engine.ask(store, "d", question, mode="hmt", record=False).abstained
