@@ -394,6 +394,21 @@ def run(
     )
 
 
+def _bar(progress, name: str) -> Callable[[int, int], None] | None:
+    """``progress`` for one named bar, or None."""
+    return (lambda done, total: progress(name, done, total)) if progress else None
+
+
+def _cached(path: Path, compute: Callable[[], dict]) -> dict:
+    """The arrays saved at ``path``; computed by ``compute`` and saved there first when missing."""
+    if path.is_file():
+        return dict(np.load(path))
+    arrays = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
 def _fit_open(
     engine: Engine,
     root: Path,
@@ -416,19 +431,15 @@ def _fit_open(
         # Confidences depend on the model, its dtype and the answering settings: the cache is keyed
         # by the engine's answer stamp, so a changed checkpoint never reuses an older one's answers.
         stamp = engine.answer_stamp
-        conf_path = feature_dir / f"open-{open_mode.replace('+', '_')}-{open_half}-{open_questions}-{stamp}.npz"
-        if conf_path.is_file():
-            cached = dict(np.load(conf_path))
-        else:
-            cb = {
-                tag: (lambda d, t, n=tag: progress(n, d, t)) if progress else None
-                for tag in ("open", "open-negative")
-            }
-            pc, pf = open_confidences(engine, store, pos, open_mode, cb["open"])
-            nc, _ = open_confidences(engine, store, negative_rows(pos, open_questions), open_mode, cb["open-negative"])
-            cached = {"pos": pc, "pos_f1": pf, "neg": nc}
-            feature_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(conf_path, **cached)
+        neg = negative_rows(pos, open_questions)
+
+        def answers() -> dict:
+            pc, pf = open_confidences(engine, store, pos, open_mode, _bar(progress, "open"))
+            nc, _ = open_confidences(engine, store, neg, open_mode, _bar(progress, "open-negative"))
+            return {"pos": pc, "pos_f1": pf, "neg": nc}
+
+        tag = f"{open_half}-{open_questions}-{stamp}"
+        cached = _cached(feature_dir / f"open-{open_mode.replace('+', '_')}-{tag}.npz", answers)
         # An answer "counts as right" for the report when its token F1 reaches 0.3.
         heads.open_threshold, report["open"] = fit_threshold(
             cached["pos"], cached["pos_f1"] >= 0.3, cached["neg"]
@@ -448,20 +459,13 @@ def _fit_open(
         )
         # The second signal: the passage head's best raw score (Answer.recall_score), which also
         # says how well the best passage matches, not only which passage is best.
-        score_path = feature_dir / f"open-recall-score-{open_half}-{open_questions}-{stamp}.npz"
-        if score_path.is_file():
-            scores = dict(np.load(score_path))
-        else:
-            cb = {
-                tag: (lambda d, t, n=tag: progress(n, d, t)) if progress else None
-                for tag in ("recall score", "recall score-negative")
-            }
-            scores = {
-                "pos": open_recall_scores(engine, store, pos, cb["recall score"]),
-                "neg": open_recall_scores(engine, store, negative_rows(pos, open_questions), cb["recall score-negative"]),
-            }
-            feature_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(score_path, **scores)
+        scores = _cached(
+            feature_dir / f"open-recall-score-{tag}.npz",
+            lambda: {
+                "pos": open_recall_scores(engine, store, pos, _bar(progress, "recall score")),
+                "neg": open_recall_scores(engine, store, neg, _bar(progress, "recall score-negative")),
+            },
+        )
         if np.isnan(scores["pos"]).any() or np.isnan(scores["neg"]).any():
             heads.open_recall_threshold = None
             report["open_recall"] = {"useful": False, "threshold": None, "why": "documents without passage keys"}
