@@ -651,7 +651,7 @@ class Engine:
             confidence = open_confidence(response.answer_logprob, recall)
         # Thresholds were fitted on the HMT answering pass; the plain-backbone modes never abstain.
         why = None
-        if model is self.model:  # thresholds were fitted on the HMT answering pass
+        if model is self.model:
             if options and response.threshold and confidence is not None and confidence < response.threshold:
                 why = f"confidence {confidence:.2f} is below {response.threshold:.2f}"
             elif not options:
