@@ -69,6 +69,15 @@ def ei_training_rows(root: Path) -> list[QARow]:
     return [r for r in evidence_inference(root / "evidence-inference") if is_train_article(r.document_id())]
 
 
+def _ingested(engine: Engine, store: MemoryStore, row: QARow) -> str:
+    """The store's id of ``row``'s document, ingested first when the store does not hold it."""
+    text = row.load_document()
+    doc_id = row.document_id(text)
+    if doc_id not in store:
+        engine.ingest(store, Document(doc_id=doc_id, title=doc_id, text=text, source="train-decision"))
+    return doc_id
+
+
 def extract(
     engine: Engine,
     store: MemoryStore,
@@ -82,10 +91,7 @@ def extract(
     for i, row in enumerate(rows):
         if row.answer is None or not row.options:
             continue
-        text = row.load_document()
-        doc_id = row.document_id(text)
-        if doc_id not in store:
-            engine.ingest(store, Document(doc_id=doc_id, title=doc_id, text=text, source="train-decision"))
+        doc_id = _ingested(engine, store, row)
         label = [o.lower() for o in row.options].index(row.answer.lower())
         for mode in modes:
             ans = engine.ask(store, doc_id, row.question, mode=mode, options=row.options, record=False)
@@ -234,10 +240,7 @@ def open_confidences(
     """Confidence of open answers to ``rows`` in ``mode`` and their token F1 against the gold answer."""
     conf, f1 = [], []
     for i, row in enumerate(rows):
-        text = row.load_document()
-        doc_id = row.document_id(text)
-        if doc_id not in store:
-            engine.ingest(store, Document(doc_id=doc_id, title=doc_id, text=text, source="train-decision"))
+        doc_id = _ingested(engine, store, row)
         ans = engine.ask(store, doc_id, row.question, mode=mode, record=False)
         conf.append(ans.confidence if ans.confidence is not None else 0.0)
         f1.append(token_f1(ans.answer, row.answer or "") if row.evidence else 0.0)
@@ -256,10 +259,7 @@ def open_recall_scores(
     recall only, no answer is generated."""
     out = []
     for i, row in enumerate(rows):
-        text = row.load_document()
-        doc_id = row.document_id(text)
-        if doc_id not in store:
-            engine.ingest(store, Document(doc_id=doc_id, title=doc_id, text=text, source="train-decision"))
+        doc_id = _ingested(engine, store, row)
         score = engine.recall_score(store, doc_id, row.question)
         out.append(np.nan if score is None else score)
         if progress is not None:
@@ -381,8 +381,7 @@ def run(
             cached = load_features(feature_dir, tag)
             if cached is None:
                 start = time.perf_counter()
-                cb = (lambda d, t, n=tag: progress(n, d, t)) if progress else None
-                cached = extract(engine, store, todo, progress=cb)
+                cached = extract(engine, store, todo, progress=_bar(progress, tag))
                 save_features(feature_dir, tag, cached)
                 logger.info("%s: features of %d rows in %.0f s", tag, len(todo), time.perf_counter() - start)
             bucket[name] = cached
