@@ -280,7 +280,9 @@ class QAApp:
         if answer is None:
             return (gr.skip(),) * 6
         view = self.service.memory_view(session, answer.doc_id)
-        pieces, colors = views.evidence_highlights(view.text, answer.evidence, answer.mode, answer.support)
+        pieces, colors = views.evidence_highlights(
+            view.text, answer.evidence, answer.mode, answer.support, views.support_label(answer)
+        )
         highlighted = gr.HighlightedText(value=pieces, color_map=colors)
         recall_fig, distance_fig = self._recall_figures(answer, len(view.segments))
         pca = plots.memory_pca_figure(view.memory, view.recall_key, answer.query)

@@ -19,6 +19,8 @@ CONTEXT_CHARS = 400
 EVIDENCE_COLORS = ["#f76707", "#ffa94d", "#ffd8a8", "#ffe8cc", "#fff4e6"]
 WINDOW_COLOR = "#a5d8ff"
 SUPPORT_LABEL = "supporting sentence"
+# An abstained answer's sentence backs only the guess the model did not give as its answer.
+GUESS_SUPPORT_LABEL = "sentence behind the best guess"
 SUPPORT_COLOR = "#69db7c"  # green: stands out inside the orange evidence
 
 Highlight = list[tuple[str, str | None]]
@@ -49,7 +51,11 @@ def evidence_label(rank: int, ev: Evidence, mode: str) -> str:
 
 
 def evidence_highlights(
-    text: str, evidence: Sequence[Evidence], mode: str, support: Support | None = None
+    text: str,
+    evidence: Sequence[Evidence],
+    mode: str,
+    support: Support | None = None,
+    support_label: str = SUPPORT_LABEL,
 ) -> tuple[Highlight, dict[str, str]]:
     """Document text split into (piece, label) pairs with the evidence labelled, plus a colour map.
 
@@ -63,8 +69,8 @@ def evidence_highlights(
     if support is not None:
         start, end = max(0, support.char_start), min(len(text), support.char_end)
         if end > start:
-            spans.append((start, end, SUPPORT_LABEL))
-            colors[SUPPORT_LABEL] = SUPPORT_COLOR
+            spans.append((start, end, support_label))
+            colors[support_label] = SUPPORT_COLOR
     for rank, ev in enumerate(evidence, start=1):
         start, end = max(0, ev.char_start), min(len(text), ev.char_end)
         if end <= start:
@@ -128,12 +134,18 @@ def confidence_markdown(answer: Answer) -> str | None:
     return line
 
 
+def support_label(answer: Answer) -> str:
+    """What the answer's support sentence is called: the answer's support, or, when the model
+    abstained, only the best guess's (the answer given is that the document does not seem to say)."""
+    return GUESS_SUPPORT_LABEL if answer.abstained else SUPPORT_LABEL
+
+
 def support_markdown(answer: Answer) -> str | None:
     """The evidence sentence the answer rests on, quoted on one line; None when there is none."""
     if answer.support is None or not answer.support.text.strip():
         return None
     quoted = md_text(snippet(answer.support.text, 300))
-    return f"**supporting sentence:** “{quoted}” (green in the text below)"
+    return f"**{support_label(answer)}:** “{quoted}” (green in the text below)"
 
 
 def sentence_markdown(answer: Answer) -> str | None:

@@ -155,7 +155,9 @@ def cmd_ask(ns: argparse.Namespace) -> int:
         if ans.support is not None:
             sentence = " ".join(ans.support.text.split())
             span = f"chars {ans.support.char_start}-{ans.support.char_end}"
-            lines.append(f'Supporting sentence ({span}): "{sentence}"')
+            # An abstained answer's sentence backs only the best guess, not the answer given.
+            label = "Sentence behind the best guess" if ans.abstained else "Supporting sentence"
+            lines.append(f'{label} ({span}): "{sentence}"')
         lines.append("Evidence:")
         for e in ans.evidence:
             snippet = " ".join(e.snippet.split())[:160]

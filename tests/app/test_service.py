@@ -274,6 +274,14 @@ def test_answer_markdown_shows_confidence_and_the_supporting_sentence():
     by_recall = _answer(answer=NOT_IN_DOCUMENT, confidence=0.4, abstained=True, abstain_reason=reason)
     assert f"**the document does not seem to say** ({reason})" in views.answer_markdown(by_recall)
     assert "best guess" not in views.answer_markdown(_answer(answer=NOT_IN_DOCUMENT, confidence=0.1, abstained=True))
+    # An abstained answer's sentence backs only the best guess: named so above and in the text's highlight.
+    guessed = _answer(answer=NOT_IN_DOCUMENT, confidence=0.1, abstained=True, sentence=sentence, support=support)
+    md = views.answer_markdown(guessed)
+    assert r"**sentence behind the best guess:** “The INR was \*2\.4\* on day 3\.”" in md
+    assert "supporting sentence" not in md
+    text = "x" * 10 + support.text + "y" * 20
+    pieces, colors = views.evidence_highlights(text, [], "hmt", support, views.support_label(guessed))
+    assert (support.text, views.GUESS_SUPPORT_LABEL) in pieces and views.SUPPORT_LABEL not in colors
     assert "confidence" not in views.answer_markdown(_answer())
 
 

@@ -143,6 +143,7 @@ def test_ask_text_shows_an_abstained_open_answers_best_guess(store, capsys, monk
     import dataclasses
 
     from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine
+    from qa_pipeline.support import Support
 
     real_ask = Engine.ask
 
@@ -155,16 +156,20 @@ def test_ask_text_shows_an_abstained_open_answers_best_guess(store, capsys, monk
             confidence=0.3,
             sentence="The drug given was\nmetformin.",
             abstain_reason="recall score 0.8 is below 10.3: no passage matches the question well",
+            support=Support("Metformin was\ngiven.", 40, 61, 0),
         )
 
     monkeypatch.setattr(Engine, "ask", abstained)
     rc, out, err = run(capsys, "ask", "Which drug was given?", "--store", str(store), "--doc", "trial", *MODEL)
     assert rc == 0, err
-    assert out.splitlines()[:2] == [
+    assert out.splitlines()[:3] == [
         f"Answer (hmt+retrieval): {NOT_IN_DOCUMENT}",
         "Confidence: 0.30 (the document does not seem to say: recall score 0.8 is below 10.3: no passage matches "
         "the question well; best guess: metformin)",
+        # The sentence backs the guess, not the answer given, and is called so.
+        'Sentence behind the best guess (chars 40-61): "Metformin was given."',
     ]
+    assert "Supporting sentence" not in out
 
 
 def _blank_pdf(path: Path) -> None:
