@@ -197,7 +197,7 @@ def cmd_batch(ns: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from hmt.training import close_distributed, init_distributed
-    from qa_pipeline.batch import batch_metrics, merge_parts, pending, run_batch
+    from qa_pipeline.batch import batch_metrics, check_stamps, merge_parts, pending, run_batch
 
     modes = tuple(m.strip() for m in ns.modes.split(",") if m.strip())
     bad = [m for m in modes if m not in ANSWER_MODES]
@@ -216,7 +216,9 @@ def cmd_batch(ns: argparse.Namespace) -> int:
             raise CLIError(
                 f"no valid rows in {', '.join(ns.data)}" + (f" ({len(errors)} malformed line(s))" if errors else "")
             )
-        if world == 1 and not pending(rows, ns.out, modes):  # all answered already: no model needed
+        if world == 1 and not pending(rows, ns.out, modes):  # all answered already
+            # The model loads only for its stamp: another model's answers are not summed up as its own.
+            check_stamps(ns.out, _engine(ns).answer_stamp)
             merge_parts(Path(ns.out))
             metrics = batch_metrics(ns.out, rows, modes)
         else:

@@ -56,10 +56,13 @@ class ForeignAnswers(QAError):
     """The output file holds answers given by another model or with other answering settings."""
 
 
-def _check_stamps(paths: list[Path], stamp: str) -> None:
-    """Refuse to add answers to files that hold answers stamped by another model or settings (the
-    metrics would mix the two silently); records of versions that stamped nothing pass with a warning."""
-    for path in paths:
+def check_stamps(out_path: str | Path, stamp: str) -> None:
+    """Refuse an output file (or its torchrun part files) holding answers stamped by another model or
+    other answering settings: adding answers would mix the two in one set of metrics, and summing up a
+    finished file would report another model's metrics as this one's. Records of versions that
+    stamped nothing pass with a warning."""
+    out_path = Path(out_path)
+    for path in (out_path, *_part_paths(out_path)):
         stamps: dict[str | None, int] = {}
         for key, line in _read_lines(path):
             if key is not None:
@@ -70,7 +73,8 @@ def _check_stamps(paths: list[Path], stamp: str) -> None:
             raise ForeignAnswers(
                 f"{path} holds {sum(foreign.values())} answers of another model or other answering settings "
                 f"(stamp {', '.join(sorted(foreign))}; this run's is {stamp}): a changed checkpoint, "
-                "threshold, dtype or option. Give another output file, or delete this one to start again."
+                "threshold, dtype or option, so its metrics would not be this model's. Give another output "
+                "file, or delete this one to answer again."
             )
         if stamps.get(None):
             logger.warning("%s: %d answers carry no model stamp (an older version); resuming beside them", path, stamps[None])
@@ -197,7 +201,7 @@ def run_batch(
     part = out_path if world == 1 else out_path.with_name(f"{out_path.name}.rank{rank}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stamp = engine.answer_stamp
-    _check_stamps([out_path, *_part_paths(out_path)], stamp)
+    check_stamps(out_path, stamp)
     if world == 1:
         merge_parts(out_path)  # records of an interrupted torchrun run
     done = _done_keys(out_path)

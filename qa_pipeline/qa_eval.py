@@ -534,11 +534,12 @@ def run_qa_eval(
 ) -> dict[str, Any]:
     """Answer every set's rows in every mode (resuming ``<out_dir>/<set>.jsonl``) and evaluate them.
 
-    The model is loaded (``engine_factory()``) only when some answer is missing. ``meta`` (run
-    settings) is added to the result. Writes ``<out_dir>/summary.json`` and ``<out_dir>/summary.md``
-    and returns the summary.
+    With ``engine_factory``, the model is loaded (``engine_factory()``) and the answers already in
+    ``<out_dir>`` must carry its stamp (``ForeignAnswers`` otherwise), even when none is missing; without
+    it, only finished files are summed up, as they are. ``meta`` (run settings) is added to the result.
+    Writes ``<out_dir>/summary.json`` and ``<out_dir>/summary.md`` and returns the summary.
     """
-    from .batch import batch_metrics, pending, run_batch
+    from .batch import batch_metrics, check_stamps, pending, run_batch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -552,11 +553,17 @@ def run_qa_eval(
     try:
         for name, rows in sets.items():
             path = out_dir / f"{name}.jsonl"
-            if rows and pending(rows, path, modes):
+            missing = bool(rows) and pending(rows, path, modes)
+            if missing and engine_factory is None:
+                raise ValueError(f"{path} lacks answers and no model was given")
+            if engine_factory is not None and (missing or path.is_file()):
+                # Even with nothing to answer the model loads: only it knows its stamp, and a file of
+                # another model's answers must not be summed up as this one's.
                 if engine is None:
-                    if engine_factory is None:
-                        raise ValueError(f"{path} lacks answers and no model was given")
                     engine = engine_factory()
+                check_stamps(path, engine.answer_stamp)
+            if missing:
+                if store is None:
                     store = engine.open_store(str(store_dir))
                 cb = (
                     None if progress is None else (lambda done, total, name=name: progress(name, done, total))

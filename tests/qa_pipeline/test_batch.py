@@ -104,13 +104,14 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
     assert sum("ingest" in r for r in records) == 3  # three documents, each read once
     assert (tmp_path / "results-store").is_dir()
 
-    # Rerun: nothing left to do, so no model is loaded; same metrics, same file.
+    # Rerun: nothing left to do, so nothing is answered; the model loads only for its stamp.
     size = out.stat().st_size
+    real_engine = Engine.ask
 
-    def no_model(ns):
-        raise AssertionError("a finished batch must not load a model")
+    def no_answers(*args, **kwargs):
+        raise AssertionError("a finished batch must not answer again")
 
-    monkeypatch.setattr("hmtqa.qa._engine", no_model)
+    monkeypatch.setattr(Engine, "ask", no_answers)
     assert main([*argv, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert out.stat().st_size == size
@@ -129,7 +130,14 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
     assert json.loads(capsys.readouterr().out)["metrics"]["hmt"]["n"] == 5
     assert not (tmp_path / "results.jsonl.rank1").exists() and sum(keys(out).values()) == 10
 
-    monkeypatch.undo()  # a new mode needs the model again
+    # Summing up the finished file under other answering settings would report another model's
+    # metrics as this one's: refused, and the file is left as it was.
+    assert main([*argv, "--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "its metrics would not be this model's" in err and str(out) in err
+    assert Engine.ask is no_answers and out.stat().st_size == size and sum(keys(out).values()) == 10
+
+    monkeypatch.setattr(Engine, "ask", real_engine)  # a new mode is answered
     # A new mode on the same output: only the new (row, mode) pairs are answered.
     assert main([*argv[:-len(MODEL)], "--modes", "hmt,none", *MODEL, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -274,12 +274,19 @@ def test_eval_qa_end_to_end_on_tiny_model(data_dir, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["sets"]["pubmedqa"]["modes"]) == list(ANSWER_MODES)
 
-    # Every answer is there: the rerun only re-evaluates (and would not even need the model).
+    # Every answer is there: the rerun only re-evaluates.
     n_lines = len((out / "pubmedqa.jsonl").read_text().splitlines())
-    assert main([*argv, "--json", "--backbone", "no-such-model"]) == 0
+    assert main([*argv, "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert len((out / "pubmedqa.jsonl").read_text().splitlines()) == n_lines == 3 * len(ANSWER_MODES)
     assert again["sets"] == summary["sets"]
+    # Another model (here: other answering settings) must not sum up these answers as its own.
+    summary_md = (out / "summary.md").read_text()
+    assert main([*argv, "--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "its metrics would not be this model's" in err and "Traceback" not in err
+    assert len((out / "pubmedqa.jsonl").read_text().splitlines()) == n_lines
+    assert (out / "summary.md").read_text() == summary_md
     hmt = again["sets"]["pubmedqa"]["modes"]["hmt"]
     assert sum(hmt["predicted"].values()) == 3 and hmt["n_errors"] == 0
     assert set(hmt["metrics"]) == {"accuracy", "macro_f1"} and len(hmt["metrics"]["accuracy"]["ci"]) == 2
