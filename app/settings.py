@@ -24,7 +24,7 @@ class AppSettings:
     port: int = 7860
     backbone: str = DEFAULT_BACKBONE
     checkpoint: str | None = "default"  # HMT checkpoint folder; "default" = the committed one; None = untrained
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str | None = None
     store: str = "stores/shared"  # the shared memory store every user sees; "" disables it
     max_upload_mb: float = 20.0  # per file and per pasted text
@@ -84,7 +84,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.checkpoint,
         help="HMT checkpoint folder; 'default' = the committed one; 'none' = untrained memory (default: default)",
     )
-    parser.add_argument("--dtype", default=d.dtype, help=f"bfloat16 (fast on CPUs with bf16 instructions) or float32 (faster on AVX2-only CPUs; default: {d.dtype})")
+    parser.add_argument("--dtype", default=d.dtype, help=f"auto (bfloat16 where the CPU or GPU computes it natively, else float32), bfloat16 or float32 (default: {d.dtype})")
     parser.add_argument("--device", default=d.device, help="cpu, cuda, ... (default: cpu)")
     parser.add_argument(
         "--store", default=d.store, help=f"shared memory store folder, visible to all users; '' = none (default: {d.store})"

@@ -17,6 +17,7 @@ from typing import Any
 
 import gradio as gr
 
+from hmt import resolve_dtype
 from qa_pipeline.engine import ANSWER_MODES, DEFAULT_MODE, Answer, Engine
 
 from . import plots, views
@@ -199,7 +200,12 @@ class QAApp:
             note = f"**failed to load**: {loader.error}"
         else:
             note = "**model loading…** you can upload and paste already; actions start once it is ready"
-        line = f"Model `{s.backbone}` · {checkpoint} · `{s.dtype}` — {note}"
+        try:
+            dtype = str(resolve_dtype(s.dtype, s.device)).replace("torch.", "")
+        except ValueError:  # a bad --dtype: the loader's error says so
+            dtype = s.dtype
+        dtype = f"`{dtype}` (auto)" if s.dtype == "auto" else f"`{dtype}`"
+        line = f"Model `{s.backbone}` · {checkpoint} · {dtype} — {note}"
         if s.store:
             line += f" · shared store `{s.store}`" + ("" if s.allow_shared_writes else " (read-only)")
         if self.service.shared_error:

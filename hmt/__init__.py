@@ -1,6 +1,6 @@
 """HMT: the Hierarchical Memory Transformer (He et al., NAACL 2025) as a plug-in for causal LMs."""
 
-from .backbone import DEFAULT_BACKBONE, load_backbone, resolve_dtype
+from .backbone import DEFAULT_BACKBONE, load_backbone, native_bfloat16, resolve_dtype
 from .config import MODES, HMTConfig
 from .memory import MemoryRecall, MemoryState
 from .model import HMTModel, HMTOutput, SegmentRecord
@@ -15,5 +15,6 @@ __all__ = [
     "MemoryState",
     "SegmentRecord",
     "load_backbone",
+    "native_bfloat16",
     "resolve_dtype",
 ]

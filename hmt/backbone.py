@@ -44,16 +44,53 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """Turn "bf16"/"float32"/torch.dtype/None into a torch.dtype (None -> float32)."""
+# CPU flags (Linux /proc/cpuinfo) of instructions that compute bfloat16 natively: AVX512-BF16 and
+# AMX on x86, the BF16 extension on Arm. Without them torch emulates bfloat16 matmuls.
+_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux: flags unknown
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def native_bfloat16(device: str | torch.device | None = None) -> bool:
+    """Whether ``device`` computes bfloat16 natively (faster than float32) rather than emulating it.
+
+    An AVX2-only CPU emulates it: one SmolLM2 forward took 13.7 s in bfloat16 against 1.9 s in
+    float32 there, while CPUs with AVX512-BF16 or AMX run bfloat16 about 3x faster than float32.
+    """
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(_cpu_flags() & _BF16_CPU_FLAGS)
+    return False  # MPS and others: float32, the safe choice
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """Turn "bf16"/"float32"/"auto"/torch.dtype/None into a torch.dtype (None -> float32).
+
+    "auto" is bfloat16 where ``device`` computes it natively (``native_bfloat16``), else float32.
+    """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if str(dtype).lower() == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted([*_DTYPES, 'auto'])}") from None
 
 
 @contextlib.contextmanager
@@ -214,7 +251,7 @@ def load_backbone(
         name_or_path: ``"smollm2-135m-instruct"`` (the embedded default, works offline), a Hugging Face
             hub id, a local folder with ``config.json``, or ``"tiny-random"`` (a 2-layer random model
             with the SmolLM2 tokenizer, for tests and smoke runs).
-        dtype: weights dtype ("float32", "bfloat16", ...). Weights are loaded in float32, then cast.
+        dtype: weights dtype ("float32", "bfloat16", "auto", ...). Weights are loaded in float32, then cast.
         device: where to put the model; None leaves it on the CPU.
 
     Returns:
@@ -223,7 +260,7 @@ def load_backbone(
     """
     if name_or_path == TINY_RANDOM:
         model, tokenizer = tiny_random_backbone()
-        model = model.to(dtype=resolve_dtype(dtype), device=device).eval()
+        model = model.to(dtype=resolve_dtype(dtype, device), device=device).eval()
         model.config.hmt_backbone_name = TINY_RANDOM
         return model, tokenizer
     path = resolve_backbone_path(name_or_path)
@@ -237,7 +274,7 @@ def load_backbone(
             f"{DEFAULT_BACKBONE!r} (needs `{EMBEDDED[DEFAULT_BACKBONE][2]}`), a local model folder, or a hub id "
             "while online (HF_HUB_OFFLINE unset)."
         ) from err
-    model = model.to(dtype=resolve_dtype(dtype))
+    model = model.to(dtype=resolve_dtype(dtype, device))
     if device is not None:
         model = model.to(device)
     model.eval()

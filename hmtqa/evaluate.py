@@ -22,7 +22,7 @@ def _load(ns: argparse.Namespace):
         model = HMTModel.from_pretrained(path, backbone=backbone)
     else:
         model = HMTModel(backbone, HMTConfig(segment_length=ns.segment_length, sensory_length=32))
-    return model.to(dtype=resolve_dtype(ns.dtype)).eval(), tokenizer
+    return model.to(dtype=resolve_dtype(ns.dtype, ns.device)).eval(), tokenizer
 
 
 def cmd_ppl(ns: argparse.Namespace) -> int:
@@ -199,7 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--backbone", default="smollm2-135m-instruct")
     q.add_argument("--checkpoint", default="default", help="HMT checkpoint folder, 'default' or 'none'")
     q.add_argument("--segment-length", type=int, default=256, help="only without a checkpoint")
-    q.add_argument("--dtype", default="bfloat16")
+    q.add_argument("--dtype", default="auto", help="auto (bfloat16 where computed natively, else float32), bfloat16 or float32")
     q.add_argument("--device", default=None)
     q.add_argument("--contexts", default="2048,4096,8192,16384,32768")
     q.add_argument("--modes", default="none,window,rmt,hmt,full")

@@ -19,7 +19,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint", default=defaults.checkpoint,
         help="HMT checkpoint folder; 'default' = the committed one; 'none' = untrained memory",
     )
-    group.add_argument("--dtype", default=defaults.dtype, help="bfloat16 (fast on CPUs with bf16 instructions) or float32 (faster on AVX2-only CPUs)")
+    group.add_argument("--dtype", default=defaults.dtype, help="auto (default: bfloat16 where the CPU or GPU computes it natively, else float32), bfloat16 or float32")
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     group.add_argument("--full-context-tokens", type=int, default=defaults.full_context_tokens,
                        help="window of mode 'none'")

@@ -58,7 +58,9 @@ class EngineConfig:
     # HMT checkpoint folder; "default" = the committed checkpoint for the default backbone (if any);
     # None = untrained HMT parameters (initialised from ``seed``).
     checkpoint: str | None = "default"
-    dtype: str = "bfloat16"
+    # "auto": bfloat16 where the CPU or GPU computes it natively, else float32 (bfloat16 is emulated,
+    # about 7x slower, on AVX2-only CPUs).
+    dtype: str = "auto"
     device: str | None = None
     segment_length: int = 256  # used without a checkpoint (a checkpoint brings its own)
     sensory_length: int = 32
@@ -242,7 +244,7 @@ class Engine:
             )
             torch.random.set_rng_state(rng)
             checkpoint_id = f"untrained-seed{cfg.seed}"
-        model.to(dtype=resolve_dtype(cfg.dtype))
+        model.to(dtype=resolve_dtype(cfg.dtype, cfg.device))
         return model, tokenizer, checkpoint_id
 
     @property
@@ -265,6 +267,7 @@ class Engine:
         model (``fingerprint``), its decision heads and thresholds, and the answering settings.
         Batch output files carry it, so answers of another model are never mixed into one's metrics."""
         settings = {k: v for k, v in asdict(self.config).items() if k not in ("checkpoint", "device")}
+        settings["dtype"] = self.fingerprint["dtype"]  # as resolved: "auto" and "float32" answer alike
         body = {"model": self.fingerprint, "heads": self.decision_heads.digest(), "settings": settings}
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

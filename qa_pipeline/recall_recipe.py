@@ -52,7 +52,7 @@ class RecallRecipe:
     lr: float = 1e-3
     weight_decay: float = 1e-2  # pull towards the centred identity start
     val_share: float = 0.1  # documents kept out of the fit, to report the fit's own held-out numbers
-    dtype: str = "bfloat16"  # of the feature pass (the dtype answers are made in)
+    dtype: str = "auto"  # of the feature pass (the dtype answers are made in; auto as in EngineConfig)
     seed: int = 0
 
 

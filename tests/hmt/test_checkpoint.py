@@ -88,6 +88,36 @@ def test_resolve_dtype():
         resolve_dtype("int3")
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"fpu", "avx2", "avx512f"}, torch.float32),  # bfloat16 would be emulated: ~7x slower
+        ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"avx2", "amx_bf16", "amx_tile"}, torch.bfloat16),
+        ({"fp", "asimd", "bf16"}, torch.bfloat16),  # Arm's BF16 extension ("Features" line)
+        (set(), torch.float32),  # flags unknown (not Linux)
+    ],
+)
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, flags, expected):
+    from hmt import backbone
+
+    monkeypatch.setattr(backbone, "_cpu_flags", lambda: frozenset(flags))
+    assert resolve_dtype("auto") is expected and resolve_dtype("AUTO", "cpu") is expected
+    assert backbone.native_bfloat16("meta") is False  # devices other than CPU and CUDA: float32
+    assert resolve_dtype("auto", "meta") is torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16  # an explicit dtype is kept as asked
+
+
+def test_cpu_flags_are_read_from_cpuinfo_lines(monkeypatch, tmp_path):
+    from hmt import backbone
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nFeatures\t: fp bf16\n")
+    real_path = backbone.Path
+    monkeypatch.setattr(backbone, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert backbone._cpu_flags() == {"fpu", "avx2", "avx512_bf16", "fp", "bf16"}
+
+
 def test_passage_head_round_trip_and_fallback(tmp_path):
     """A passage head is saved and loaded beside the segment recall head; without one, passages
     are scored by the segment head itself."""

@@ -416,3 +416,9 @@ def test_the_answer_stamp_follows_heads_thresholds_and_settings(tmp_path):
     next(iter(engine.decision_heads.heads.values())).bias[2] = 7.0
     assert engine.answer_stamp != stamp
     assert Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=9)).answer_stamp != stamp
+    # The dtype counts as resolved: "auto" answers as the dtype it resolves to does, and stamps alike.
+    resolved = str(engine.model.dtype).replace("torch.", "")
+    assert config.dtype == "auto"
+    assert Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), dtype=resolved)).answer_stamp == stamp
+    other = "float32" if resolved == "bfloat16" else "bfloat16"
+    assert Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), dtype=other)).answer_stamp != stamp
