@@ -263,7 +263,13 @@ def test_store_made_by_another_model_is_refused(store, capsys, tmp_path):
     from hmt import HMTConfig, HMTModel, load_backbone
 
     before = listed(capsys, store)
-    rc, _, err = run(capsys, "ask", "Why?", "--store", str(store), "--doc", "trial", *MODEL, "--dtype", "float32")
+    # The store was made in the dtype "auto" picked here; the other one is another model.
+    import torch
+
+    from hmt import resolve_dtype
+
+    other = "bfloat16" if resolve_dtype("auto") == torch.float32 else "float32"
+    rc, _, err = run(capsys, "ask", "Why?", "--store", str(store), "--doc", "trial", *MODEL, "--dtype", other)
     assert rc == 2 and "different model" in err and "dtype" in err
 
     backbone, _ = load_backbone("tiny-random")

@@ -517,8 +517,10 @@ def test_replace_by_another_engine_is_seen(engine, tmp_path):
 def test_store_of_another_model_is_refused(engine, tmp_path):
     store = engine.open_store(tmp_path / "s")
     engine.ingest(store, load_text(make_text(20), doc_id="d"))
-    other = Engine(EngineConfig(backbone="tiny-random", checkpoint=None, dtype="float32"))
-    assert other.fingerprint["dtype"] == "float32" != engine.fingerprint["dtype"]
+    # The dtype "auto" did not pick here (float32 or bfloat16, by the CPU): another model.
+    dtype = "bfloat16" if engine.fingerprint["dtype"] == "float32" else "float32"
+    other = Engine(EngineConfig(backbone="tiny-random", checkpoint=None, dtype=dtype))
+    assert other.fingerprint["dtype"] == dtype != engine.fingerprint["dtype"]
     with pytest.raises(StoreMismatch, match="dtype"):
         other.open_store(tmp_path / "s")
     # A store opened without a fingerprint (read-only) is checked by the engine itself.
