@@ -70,8 +70,13 @@ def native_bfloat16(device: str | torch.device | None = None) -> bool:
     """
     device = torch.device(device or "cpu")
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
         # Not counting emulation: pre-Ampere GPUs "support" bfloat16 only by emulating it.
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # a torch without the argument counts native support only
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         return bool(_cpu_flags() & _BF16_CPU_FLAGS)
     return False  # MPS and others: float32, the safe choice
