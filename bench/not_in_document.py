@@ -11,8 +11,11 @@ fit's own negative). Each is answered as ``hmtqa ask`` answers it (mode hmt+retr
     python -m bench.not_in_document --data-dir ../shared/data --dtype float32 --questions 60
 
 Reported per kind: the share the product turned away (either threshold), the share below the
-recall-score threshold, and the AUROC between answerable and unanswerable of the recall score and of
-the confidence, with 95% bootstrap intervals over questions (pairs resampled together).
+recall-score threshold, and the AUROC between answerable and unanswerable of the recall score, of the
+confidence and of a signal the product does not use yet, grounding: how much likelier the document
+made the sentence the model wrote (its mean token log-likelihood as written, minus the same tokens'
+after the question alone, no document, no memory). 95% bootstrap intervals over questions (pairs
+resampled together).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.common import apply_threads, base_parser, machine_info, print_table, write_results
 from qa_pipeline.decision_recipe import covid_open_rows
 from qa_pipeline.documents import Document
 from qa_pipeline.engine import Engine, EngineConfig
 from qa_pipeline.metrics import token_f1
+from qa_pipeline.prompts import question_prompt
 from qa_pipeline.support import sentences
 from qa_pipeline.train_data import data_dir
 
@@ -62,6 +67,17 @@ def interval(values: np.ndarray, stat, resamples: int = 1000, seed: int = 0) -> 
     return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
 
+def prior_logprob(engine: Engine, question: str, sentence: str) -> float:
+    """Mean log-likelihood of ``sentence``'s tokens after the question's prompt alone (no document,
+    no memory): what the model would find likely without reading anything."""
+    tok = engine.tokenizer
+    prompt = torch.tensor([tok(question_prompt(tok, question), add_special_tokens=False).input_ids])
+    ids = torch.tensor(tok(sentence, add_special_tokens=False).input_ids)
+    with torch.inference_mode():
+        total, count = engine.model.score_options(prompt, [ids], None)[:2]
+    return float(total[0] / count[0])
+
+
 def summary_table(asked: dict[str, list[dict]], threshold: float) -> list[dict]:
     """One row per kind of question: turned away, below the recall threshold, and how well each signal
     tells answerable (the first kind) from this kind (AUROC; 0.5 is no better than a coin)."""
@@ -76,11 +92,12 @@ def summary_table(asked: dict[str, list[dict]], threshold: float) -> list[dict]:
             "abstained_ci": interval(abstained, lambda ix, v=abstained: v[ix].mean()),
             "below_recall_threshold": float(np.mean([a["recall_score"] < threshold for a in got])),
             "median_recall_score": float(np.median([a["recall_score"] for a in got])),
+            "median_grounding": float(np.median([a["grounding"] for a in got])),
             "guess_token_f1": float(np.mean([a["token_f1"] for a in got])),
         }
         row["abstained_95"] = "[{:.2f}, {:.2f}]".format(*row["abstained_ci"])
         if got is not pos:
-            for signal in ("recall_score", "confidence"):
+            for signal in ("recall_score", "confidence", "grounding"):
                 p = np.asarray([a[signal] for a in pos], float)
                 n = np.asarray([a[signal] for a in got], float)
                 row[f"auroc_{signal}"] = auroc(p, n)
@@ -128,10 +145,17 @@ def main(argv: list[str] | None = None) -> int:
             other = articles[(articles.index(doc_id) + 1) % len(articles)]
             for kind, store, target in (("answerable", whole, doc_id), ("answer cut out", cut, cut_id), ("other article", whole, other)):
                 ans = engine.ask(store, target, row.question, mode=MODE, record=False)
+                written = ans.sentence or ""
+                grounding = (
+                    ans.answer_logprob - prior_logprob(engine, row.question, written)
+                    if written.strip() and ans.answer_logprob is not None
+                    else 0.0
+                )
                 asked[kind].append(
                     {
                         "recall_score": ans.recall_score,
                         "confidence": ans.confidence,
+                        "grounding": grounding,
                         "abstained": ans.abstained,
                         "answer": ans.best_guess if ans.abstained else ans.answer,
                         "token_f1": token_f1(ans.best_guess if ans.abstained else ans.answer, row.answer),
@@ -158,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             ("auroc_recall_score_95", "95% CI", "s"),
             ("auroc_confidence", "AUROC confidence", ".3f"),
             ("auroc_confidence_95", "95% CI", "s"),
+            ("auroc_grounding", "AUROC grounding", ".3f"),
+            ("auroc_grounding_95", "95% CI", "s"),
+            ("median_grounding", "median grounding", ".2f"),
             ("guess_token_f1", "token F1 of the answer or guess", ".3f"),
         ],
         title=f"'Not in the document', mode {MODE}: COVID-QA evaluation-half questions ({len(articles)} articles)",

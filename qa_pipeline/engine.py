@@ -141,6 +141,9 @@ class Answer:
     # the best one is, so it is low when the document does not hold the answer at all. None without
     # passage keys.
     recall_score: float | None = None
+    # Open questions: the mean log-likelihood of the tokens the model wrote (as it chose them), the
+    # answer-likelihood half of ``confidence``.
+    answer_logprob: float | None = None
     query: list[float] | None = field(default=None, repr=False)  # the recall query q, for plots
     # Closed questions: each option's log-likelihood and the state the decision is read from (the
     # decision head's inputs; kept out of the JSON record).
@@ -680,6 +683,7 @@ class Engine:
             sentence=sentence,
             prompt_passages=in_prompt,
             recall_score=recall_score,
+            answer_logprob=response.answer_logprob,
             query=query,
             option_logprobs=response.option_logprobs,
             decision_state=response.decision_state,

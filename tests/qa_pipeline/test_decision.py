@@ -215,6 +215,7 @@ def test_negative_rows_ask_each_question_of_another_document():
 def test_open_answers_abstain_below_the_open_threshold_in_hmt_modes_only(tmp_path):
     from qa_pipeline.documents import load_text
     from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine, EngineConfig
+    from qa_pipeline.support import open_confidence
 
     ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 0.0])
     heads = DecisionHeads.load(ckpt)
@@ -242,6 +243,7 @@ def test_open_answers_abstain_below_the_recall_score_threshold_in_hmt_modes_only
     confidence. The plain-backbone modes have no recall score and never abstain."""
     from qa_pipeline.documents import load_text
     from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine, EngineConfig
+    from qa_pipeline.support import open_confidence
 
     ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 0.0])
     engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4))
@@ -254,6 +256,10 @@ def test_open_answers_abstain_below_the_recall_score_threshold_in_hmt_modes_only
         # The same score answering as without answering, in the record, and the same in both modes.
         assert ans.recall_score == pytest.approx(score) and ans.to_json()["recall_score"] == ans.recall_score
         assert not ans.abstained
+        # The answer's likelihood is in the record too: the confidence is made from it and the recall.
+        assert ans.answer_logprob is not None and ans.answer_logprob <= 0
+        assert ans.confidence == pytest.approx(open_confidence(ans.answer_logprob, ans.recall))
+        assert ans.to_json()["answer_logprob"] == ans.answer_logprob
     dense = engine.ask(store, "d", question, mode="dense-rag", record=False)
     assert dense.recall_score is None
     engine.decision_heads.open_recall_threshold = score + 1e-3
@@ -267,7 +273,7 @@ def test_open_answers_abstain_below_the_recall_score_threshold_in_hmt_modes_only
     # Closed questions keep their own thresholds: no recall score, never turned away by it.
     engine.decision_heads.open_recall_threshold = score + 10.0
     closed = engine.ask(store, "d", "Did it?", mode="hmt", options=["yes", "no", "maybe"], record=False)
-    assert closed.recall_score is None and not closed.abstained
+    assert closed.recall_score is None and closed.answer_logprob is None and not closed.abstained
 
 
 def test_a_score_threshold_that_does_not_separate_means_never_not_zero():
