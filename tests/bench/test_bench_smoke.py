@@ -147,3 +147,38 @@ def test_quick_results_never_overwrite_full_ones(tmp_path, monkeypatch):
     assert common.write_results("x", {"settings": {"quick": False}}).name == "x.json"
     assert common.write_results("x", {}, quick=True).name == "x_quick.json"
     assert common.write_results("x", {"quick": True}, tmp_path / "given.json").name == "given.json"
+
+
+def test_not_in_document_cuts_the_answers_sentences_and_nothing_else():
+    from bench.not_in_document import cut_answer
+
+    text = "Intro here. The dose was 100 mg daily. Patients improved. Later, 100 mg daily was kept. End."
+    start = text.index("The dose")
+    cut = cut_answer(text, [(start + 4, start + 8)], "100 mg daily")
+    # The sentence holding the evidence and the other one naming the answer are gone; the rest stays.
+    assert cut == "Intro here. Patients improved. End."
+    # An answer too short to search for ("UK") cuts only the evidence's sentence.
+    assert cut_answer("In the UK. The UK trial. Done.", [(0, 5)], "UK").strip() == "The UK trial. Done."
+
+
+def test_not_in_document_summary_separates_by_signal():
+    from bench.not_in_document import summary_table
+
+    def rows(scores, abstained):
+        return [
+            {"recall_score": s, "confidence": 0.5, "grounding": -s, "abstained": a, "token_f1": 0.0}
+            for s, a in zip(scores, abstained, strict=True)
+        ]
+
+    asked = {
+        "answerable": rows([20.0, 18.0, 16.0, 9.0], [False, False, False, True]),
+        "other article": rows([5.0, 6.0, 7.0, 12.0], [True, True, True, False]),
+    }
+    answerable, other = summary_table(asked, threshold=10.0)
+    assert answerable["abstained"] == 0.25 and answerable["below_recall_threshold"] == 0.25
+    assert "auroc_recall_score" not in answerable
+    assert other["abstained"] == 0.75 and other["median_recall_score"] == 6.5
+    assert other["auroc_recall_score"] == pytest.approx(15 / 16)  # pairs where answerable scores higher
+    assert other["auroc_confidence"] == 0.5 and other["auroc_grounding"] == pytest.approx(1 / 16)
+    lo, hi = other["auroc_recall_score_ci"]
+    assert 0 <= lo <= other["auroc_recall_score"] <= hi <= 1

@@ -215,7 +215,6 @@ def test_negative_rows_ask_each_question_of_another_document():
 def test_open_answers_abstain_below_the_open_threshold_in_hmt_modes_only(tmp_path):
     from qa_pipeline.documents import load_text
     from qa_pipeline.engine import NOT_IN_DOCUMENT, Engine, EngineConfig
-    from qa_pipeline.support import open_confidence
 
     ckpt = _checkpoint_with_head(tmp_path, [0.0, 0.0, 0.0])
     heads = DecisionHeads.load(ckpt)
