@@ -138,8 +138,8 @@ class Answer:
     # Open questions in the HMT modes: how well the document's best passage matches the question, by
     # the model's own passage head (its logit, before the softmax over the document's passages). The
     # softmax share says which passage is best *in this document*; this raw score also says how good
-    # the best one is, so it is low when the document does not hold the answer at all. None without
-    # passage keys.
+    # the best one is, so it is low when the document is about something else (not when a document
+    # on the question's subject lacks the answer: bench.not_in_document). None without passage keys.
     recall_score: float | None = None
     # Open questions: the mean log-likelihood of the tokens the model wrote (as it chose them), the
     # answer-likelihood half of ``confidence``.
