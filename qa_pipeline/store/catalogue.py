@@ -117,7 +117,11 @@ def _fingerprint_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> l
         if a != b:
             sa = "<missing>" if a is missing else json.dumps(a)
             sb = "<missing>" if b is missing else json.dumps(b)
-            lines.append(f"{key}: store has {sa}, requested {sb}")
+            line = f"{key}: store has {sa}, requested {sb}"
+            if key == "dtype" and a is not missing:
+                # The default dtype, auto, differs by machine: the store's own is one flag away.
+                line += f" (open it with --dtype {a})"
+            lines.append(line)
     return lines
 
 

@@ -271,6 +271,8 @@ def test_store_made_by_another_model_is_refused(store, capsys, tmp_path):
     other = "bfloat16" if resolve_dtype("auto") == torch.float32 else "float32"
     rc, _, err = run(capsys, "ask", "Why?", "--store", str(store), "--doc", "trial", *MODEL, "--dtype", other)
     assert rc == 2 and "different model" in err and "dtype" in err
+    made_in = "float32" if other == "bfloat16" else "bfloat16"
+    assert f"(open it with --dtype {made_in})" in err  # the store's own dtype, one flag away
 
     backbone, _ = load_backbone("tiny-random")
     ckpt = tmp_path / "ckpt"
