@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from bench.common import apply_threads, base_parser, machine_info, print_table, write_results
+from qa_pipeline.decision import auroc
 from qa_pipeline.decision_recipe import covid_open_rows
 from qa_pipeline.documents import Document
 from qa_pipeline.engine import Engine, EngineConfig
@@ -53,10 +54,6 @@ def cut_answer(text: str, evidence: list[tuple[int, int]], answer: str) -> str:
             pos = e
     kept.append(text[pos:])
     return re.sub(r"[ \t]{2,}", " ", "".join(kept))
-
-
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    return float(((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean())
 
 
 def interval(values: np.ndarray, stat, resamples: int = 1000, seed: int = 0) -> list[float]:

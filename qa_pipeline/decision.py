@@ -246,6 +246,11 @@ def head_probs(head: OptionHead, logprobs: np.ndarray, hidden: np.ndarray) -> np
     return p / p.sum(axis=1, keepdims=True)
 
 
+def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Chance that a positive scores above a negative (ties count half): 0.5 means no separation."""
+    return float(((positives[:, None] > negatives[None]) + 0.5 * (positives[:, None] == negatives[None])).mean())
+
+
 def fit_threshold(
     confidence_pos: np.ndarray,
     correct_pos: np.ndarray,
@@ -284,9 +289,7 @@ def fit_threshold(
         "negatives_abstained": float((neg < t).mean()) if len(neg) else 0.0,
         "negatives_below_candidate": caught,
         # How well confidence ranks answerable above unanswerable questions (0.5: not at all).
-        "auroc": float(((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean())
-        if len(pos) and len(neg)
-        else None,
+        "auroc": auroc(pos, neg) if len(pos) and len(neg) else None,
         "accuracy_all_positives": float(correct.mean()) if len(pos) else 0.0,
         "accuracy_kept_positives": float(correct[kept].mean()) if kept.any() else 0.0,
         "n_positive": int(len(pos)),
