@@ -36,6 +36,7 @@ from qa_pipeline.documents import Document
 from qa_pipeline.engine import Engine, EngineConfig
 from qa_pipeline.metrics import token_f1
 from qa_pipeline.prompts import question_prompt
+from qa_pipeline.qa_eval import bootstrap_ci
 from qa_pipeline.support import sentences
 from qa_pipeline.train_data import data_dir
 
@@ -54,14 +55,6 @@ def cut_answer(text: str, evidence: list[tuple[int, int]], answer: str) -> str:
             pos = e
     kept.append(text[pos:])
     return re.sub(r"[ \t]{2,}", " ", "".join(kept))
-
-
-def interval(values: np.ndarray, stat, resamples: int = 1000, seed: int = 0) -> list[float]:
-    """95% percentile bootstrap over questions of ``stat(resampled indices)``."""
-    rng = np.random.default_rng(seed)
-    n = len(values)
-    draws = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
-    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
 
 def prior_logprob(engine: Engine, question: str, sentence: str) -> float:
@@ -86,7 +79,7 @@ def summary_table(asked: dict[str, list[dict]], threshold: float) -> list[dict]:
             "questions": kind,
             "n": len(got),
             "abstained": float(abstained.mean()),
-            "abstained_ci": interval(abstained, lambda ix, v=abstained: v[ix].mean()),
+            "abstained_ci": list(bootstrap_ci(abstained)),
             "below_recall_threshold": float(np.mean([a["recall_score"] < threshold for a in got])),
             "median_recall_score": float(np.median([a["recall_score"] for a in got])),
             "median_grounding": float(np.median([a["grounding"] for a in got])),
@@ -98,7 +91,10 @@ def summary_table(asked: dict[str, list[dict]], threshold: float) -> list[dict]:
                 p = np.asarray([a[signal] for a in pos], float)
                 n = np.asarray([a[signal] for a in got], float)
                 row[f"auroc_{signal}"] = auroc(p, n)
-                row[f"auroc_{signal}_ci"] = interval(p, lambda ix, p=p, n=n: auroc(p[ix], n[ix]))
+                # Resampled by question: a question's three askings stay together.
+                row[f"auroc_{signal}_ci"] = list(
+                    bootstrap_ci(n=len(p), statistic=lambda rows, p=p, n=n: [auroc(p[i], n[i]) for i in rows])
+                )
                 row[f"auroc_{signal}_95"] = "[{:.2f}, {:.2f}]".format(*row[f"auroc_{signal}_ci"])
         table.append(row)
     return table
