@@ -149,6 +149,8 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
     after_questions = rank_metrics(head, _kind_subset(all_examples, features, val_rows, "question"))
     summary = {
         "recipe": asdict(recipe),
+        # The recipe may say "auto"; this is what the feature pass ran in on this machine.
+        "feature_dtype": str(model.dtype).removeprefix("torch."),
         "base_checkpoint": str(base_path) if base_path else None,
         "queries": {kind: features.query_kind.count(kind) for kind in sorted(set(features.query_kind))},
         "segments": int(features.contents.shape[0]),

@@ -123,6 +123,7 @@ def test_train_recall_passage_head_keeps_the_base_whole(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["features_reused"] and summary["val_queries"] > 0
+    assert summary["recipe"]["dtype"] == "float32" and summary["feature_dtype"] == "float32"
     assert set(summary["val_before"]) == {"hit@1", "hit@5", "mrr", "n"}
     final = out / "final"
     assert (final / "passage_training.json").is_file() and (final / "decision_heads.json").read_text() == "{}"
