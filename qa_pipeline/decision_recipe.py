@@ -485,6 +485,8 @@ def _fit_open(
                     ),
                 }
             )
+    # What the fitted scores came from: thresholds hold for answers made in this dtype.
+    report["dtype"] = str(engine.model.dtype).removeprefix("torch.")
     heads.save(checkpoint)
     (checkpoint / "decision_training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

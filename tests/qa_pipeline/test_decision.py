@@ -325,6 +325,7 @@ def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
     store = engine.open_store(tmp_path / "store")
     report = decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=12, closed=False)
     assert report["pubmedqa"] == {"chosen": "head"} and report["open"]["n_positive"] == 12
+    assert report["dtype"] == str(engine.model.dtype).removeprefix("torch.") != "auto"  # as resolved here
     saved = DecisionHeads.load(ckpt)
     assert (ckpt / "decision_heads.safetensors").read_bytes() == before
     assert [h.threshold for h in saved.heads.values()] == [0.4]
