@@ -37,6 +37,10 @@ class HMTConfig:
     # a segment's tokens, for prompts that quote the document (``HMTModel.passage_head``); trained on
     # passage-level features apart from the segment head. False: passages are scored by the segment head.
     passage_recall: bool = False
+    # Width of the late-interaction passage head (``hmt.token_recall.TokenRecall``): every token of a
+    # passage keeps a key this wide and a question's tokens are matched to them one by one (MaxSim).
+    # When set, it ranks the passages instead of the pooled passage head. 0: no such head.
+    token_recall_dim: int = 0
     # False gives the paper's training stage 1 (memory token carried forward, sensory memory, no recall).
     use_recall: bool = True
     # Truncated BPTT: gradients cross at most this many segment boundaries; None = full BPTT.
@@ -80,6 +84,11 @@ class HMTConfig:
         need(self.mode in MODES, "mode", f"must be one of {MODES}")
         need(self.recall in RECALLS, "recall", f"must be one of {RECALLS}")
         need(isinstance(self.use_recall, bool), "use_recall", "must be a bool")
+        need(
+            isinstance(self.token_recall_dim, int) and self.token_recall_dim >= 0,
+            "token_recall_dim",
+            "must be an int >= 0",
+        )
         need(
             not self.passage_recall or self.recall == "content",
             "passage_recall",

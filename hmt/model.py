@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 
 from .config import HMTConfig
 from .memory import MemoryRecall, MemoryState
+from .token_recall import TokenRecall
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class SegmentRecord:
     # finer units than the segment that the recall head can score like memories (``read_segments``).
     passage_contents: torch.Tensor | None = None
     passage_tokens: torch.Tensor | None = None
+    # With ``passage_length``: (B, L, d) the last-layer states of the segment's tokens (what the
+    # late-interaction passage head reads; cached to train it), and (B, L, token_recall_dim) their keys
+    # when the model has that head (``HMTModel.token_recall``).
+    token_states: torch.Tensor | None = None
+    token_keys: torch.Tensor | None = None
 
 
 @dataclass
@@ -111,11 +117,16 @@ class HMTModel(nn.Module):
         self.passage_recall = (
             MemoryRecall(self.hidden_size, self.recall_dim, "content") if config.passage_recall else None
         )
+        self.token_recall = (
+            TokenRecall(self.hidden_size, config.token_recall_dim) if config.token_recall_dim else None
+        )
         self.summary_prompt.data = self.summary_prompt.data.to(weight)
         self.memory_init.data = self.memory_init.data.to(weight)
         self.recall.to(device=weight.device, dtype=weight.dtype)
         if self.passage_recall is not None:
             self.passage_recall.to(device=weight.device, dtype=weight.dtype)
+        if self.token_recall is not None:
+            self.token_recall.to(device=weight.device, dtype=weight.dtype)
         self.tokenizer = None  # set by from_pretrained for convenience; not part of the module state
 
     # ------------------------------------------------------------------ backbone plumbing
@@ -233,12 +244,23 @@ class HMTModel(nn.Module):
             )
         return torch.cat(out).view(b, n, self.hidden_size)
 
-    def _summary_pass(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def query_token_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, m, d) last-layer states of a question's own tokens (``input_ids`` (B, m), at most
+        ``summary_length``) in the summary pass ``summarize`` runs for it: what the late-interaction
+        passage head matches token by token (``summarize`` returns their mean)."""
+        ids = input_ids[:, : self.config.summary_length]
+        return self._summary_states(ids, torch.ones_like(ids))[:, 1:-1]
+
+    def _summary_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = ids.shape[0]
         prompt = self.summary_prompt.expand(rows, 1, -1)
         embeds = torch.cat([prompt, self._embed(ids), prompt], dim=1)  # (rows, j + 2, d)
         one = mask.new_ones(rows, 1)
         hidden, _ = self._run_backbone(embeds, torch.cat([one, mask, one], dim=1))
+        return hidden
+
+    def _summary_pass(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self._summary_states(ids, mask)
         if self.config.recall == "content":
             return _masked_mean(hidden[:, 1:-1], mask)
         return hidden[:, -1]  # output at the trailing T
@@ -323,7 +345,8 @@ class HMTModel(nn.Module):
         recall_ids = state.segment_ids if weights is not None else None
         parts, masks = self._prefix(memory_token, state)
         offset = sum(p.shape[1] for p in parts)
-        parts.append(self._embed(seg_ids))
+        seg_embeds = self._embed(seg_ids)
+        parts.append(seg_embeds)
         masks.append(seg_mask.long())
         if memory_token is not None:  # the write token: its output becomes M_n
             parts.append(memory_token[:, None])
@@ -351,6 +374,9 @@ class HMTModel(nn.Module):
             record.passage_contents, record.passage_tokens = _run_means(
                 hidden[:, offset : offset + length], seg_mask, passage_length
             )
+            record.token_states = hidden[:, offset : offset + length]
+            if self.token_recall is not None:
+                record.token_keys = self.token_recall.keys(seg_embeds, record.token_states)
         return hidden[:, offset : offset + length], state, record
 
     # ------------------------------------------------------------------ forward
@@ -767,11 +793,13 @@ class HMTModel(nn.Module):
 
     def hmt_state_dict(self) -> dict[str, torch.Tensor]:
         passage = self.passage_recall.parameter_dict("passage_recall") if self.passage_recall is not None else {}
+        tokens = self.token_recall.parameter_dict("token_recall") if self.token_recall is not None else {}
         return {
             "summary_prompt": self.summary_prompt,
             "memory_init": self.memory_init,
             **self.recall.parameter_dict(),
             **passage,
+            **tokens,
         }
 
     @property

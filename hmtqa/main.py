@@ -91,8 +91,12 @@ def cmd_train_recall(ns: argparse.Namespace) -> int:
             f"features {'reused' if result['features_reused'] else 'read'} "
             f"({(result['extract_s'] or 0) / 60:.1f} min when read); head fitted in {result['fit_s'] / 60:.1f} min "
             f"on {result['fit_queries']} queries; "
-            f"held-out queries hit@1 {result['val_before']['hit@1']:.3f} -> {result['val_after']['hit@1']:.3f}; "
-            f"checkpoint: {recipe.out}/final"
+            + (
+                f"held-out queries hit@1 {result['val_before']['hit@1']:.3f} -> {result['val_after']['hit@1']:.3f}; "
+                if result["val_before"]
+                else "no held-out queries (--val-share 0); "
+            )
+            + f"checkpoint: {recipe.out}/final"
         ),
     )
     return 0

@@ -336,7 +336,7 @@ class Engine:
         L = self.model.config.segment_length
         total = math.ceil(n_tokens / L)
         block = self.config.block_segments * L
-        summaries, memories, keys, segments, passages = [], [], [], [], []
+        summaries, memories, keys, segments, passages, token_keys = [], [], [], [], [], []
         width = self.config.passage_tokens or None
         state = self.model.init_memory(1)
         tokenize_s = time.perf_counter() - start
@@ -354,6 +354,8 @@ class Engine:
                         passages.append(
                             (self.model.passage_head.keys(r.passage_contents[0]).float().cpu().numpy(), r.passage_tokens[0])
                         )
+                    if r.token_keys is not None:
+                        token_keys.append(r.token_keys[0].float().cpu().numpy())
                 if progress is not None:
                     elapsed = time.perf_counter() - start
                     progress(len(segments), total, min(pos + block, n_tokens) / max(elapsed, 1e-9))
@@ -368,6 +370,13 @@ class Engine:
         }
         if passages:
             arrays.update(_passage_arrays(passages, segments, token_starts, width))
+        if token_keys:
+            # (n, L, dim): one key per token for the late-interaction passage head; a short last
+            # segment's rows past its end stay zero (its passage_tokens say how many are real).
+            grid = np.zeros((len(token_keys), L, token_keys[0].shape[-1]), dtype=np.float32)
+            for i, k in enumerate(token_keys):
+                grid[i, : k.shape[0]] = k
+            arrays["passage_token_key"] = grid
         metadata = dict(document.metadata)
         metadata["sections"] = [asdict(s) for s in document.sections]
         info = store.add_document(
@@ -608,10 +617,10 @@ class Engine:
             evidence = self._segment_evidence(store, doc_id, text, recall, self.config.evidence_k)
             scored = None if options else self._passage_scores(store, doc_id, recall_ids, version)
             if scored is not None:
-                recall_score = float(scored[1].max())
+                recall_score = scored[2]
             if mode == "hmt+retrieval":
                 in_prompt = self.config.retrieval_segments
-                passages = None if scored is None else self._passage_evidence(text, *scored)
+                passages = None if scored is None else self._passage_evidence(text, *scored[:2])
                 if passages is not None:
                     evidence, in_prompt = passages
                 # The passages the recall chose go in as text, in the answering segment itself (wider
@@ -776,12 +785,17 @@ class Engine:
 
     def _passage_scores(
         self, store: MemoryStore, doc_id: str, recall_ids: torch.Tensor, version: tuple = ()
-    ) -> tuple[dict, np.ndarray] | None:
-        """The document's passage arrays and the model's passage head logits for the question, one
-        per real passage (``arrays["passage_tokens"] > 0``, flattened, in order); None when the
-        document has no passage keys (ingested with ``passage_tokens=0``, or by an older version) or
-        passages are off. ``HMTModel.passage_head`` is the checkpoint's own passage head when it has
-        one, else the segment recall head."""
+    ) -> tuple[dict, np.ndarray, float] | None:
+        """The document's passage arrays, the logits that rank its passages for the question (one per
+        real passage, ``arrays["passage_tokens"] > 0``, flattened, in order) and the recall score;
+        None when the document has no passage keys (ingested with ``passage_tokens=0``, or by an
+        older version) or passages are off.
+
+        The ranking is the model's late-interaction head (``HMTModel.token_recall``) when it has one
+        and the document holds token keys, else its pooled passage head (``HMTModel.passage_head``:
+        the checkpoint's own, or the segment recall head). The recall score is always the pooled
+        passage head's best logit: how well the best passage matches as a whole, the signal the
+        checkpoint's "not in the document" threshold was fitted on."""
         if not self.config.passage_tokens:
             return None
         arrays = self._passage_arrays(store, doc_id, version)
@@ -793,14 +807,32 @@ class Engine:
             scale = float(head.scale())
         real = arrays["passage_tokens"].reshape(-1) > 0
         keys = arrays["passage_key"].reshape(-1, arrays["passage_key"].shape[-1])[real]
-        return arrays, (keys @ query) * scale
+        pooled = (keys @ query) * scale
+        logits = pooled
+        if self.model.token_recall is not None and "passage_token_key" in arrays:
+            logits = self._token_logits(arrays, recall_ids)[real]
+        return arrays, logits, float(pooled.max())
+
+    def _token_logits(self, arrays: dict, recall_ids: torch.Tensor) -> np.ndarray:
+        """Late-interaction logits of every passage slot (n * P, flattened; empty slots -inf)."""
+        head = self.model.token_recall
+        counts = torch.from_numpy(arrays["passage_tokens"])  # (n, P)
+        n, per_segment = counts.shape
+        token_keys = torch.from_numpy(arrays["passage_token_key"])  # (n, L, dim)
+        width = token_keys.shape[1] // per_segment
+        grid = token_keys.view(n * per_segment, width, -1)
+        mask = torch.arange(width)[None] < counts.reshape(-1, 1)
+        with torch.inference_mode():
+            hidden = self.model.query_token_states(recall_ids)[0]
+            queries, weights = head.queries(self.model._embed(recall_ids[:, : hidden.shape[0]])[0], hidden)
+            return head.scores(queries.cpu(), weights.cpu(), grid, mask).numpy()
 
     def recall_score(self, store: MemoryStore, doc_id: str, question: str) -> float | None:
         """``Answer.recall_score`` of an open question, without answering it (fitting its threshold)."""
         self.check_store(store)
         info = store.get_document(doc_id)
         scored = self._passage_scores(store, doc_id, self._recall_ids(question.strip()), (info.version,))
-        return None if scored is None else float(scored[1].max())
+        return None if scored is None else scored[2]
 
     def _passage_evidence(self, text: str, arrays: dict, logits: np.ndarray) -> tuple[list[Evidence], int]:
         """Passages ranked by their ``_passage_scores`` logits, best first, and how many fill the
@@ -830,9 +862,14 @@ class Engine:
     def _passage_arrays(self, store: MemoryStore, doc_id: str, version: tuple = ()) -> dict | None:
         def load() -> dict | None:
             try:
-                return store.arrays(doc_id, ["passage_key", "passage_tokens", "passage_chars"])
+                arrays = store.arrays(doc_id, ["passage_key", "passage_tokens", "passage_chars"])
             except KeyError:  # stored without passage keys
                 return None
+            try:
+                arrays.update(store.arrays(doc_id, ["passage_token_key"]))
+            except KeyError:  # stored by a model without a late-interaction head
+                pass
+            return arrays
 
         return self._cached((str(store.root), doc_id, *version, "passages"), load)
 

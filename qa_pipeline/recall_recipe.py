@@ -11,6 +11,12 @@ documents through it as ingestion does, pooling passages of ``passage_tokens``; 
 started from the segment head, to rank each query's gold passages among its document's passages;
 save ``OUT/final`` with the base's other files (decision heads, model card).
 
+``--head tokens`` (the late-interaction passage head, ``HMTConfig.token_recall_dim``): keep the base
+checkpoint whole as for passages; keep every token's id and last-layer state of the ingestion pass
+and every query's summary-pass token states; fit ``hmt.token_recall.TokenRecall``, started at the
+cosine of the tokens' input embeddings, to rank each query's gold passages first (MaxSim over tokens,
+``hmt.token_recall_head``); save ``OUT/final`` with the base's other files.
+
 Minutes on a CPU once the features are read, since the backbone's passes are done once.
 """
 
@@ -28,8 +34,10 @@ import torch
 
 from hmt import HMTModel, load_backbone, resolve_dtype
 from hmt.recall_head import fit_recall_head, rank_metrics
+from hmt.token_recall_head import fit_token_recall, token_rank_metrics
 
-from .recall_data import RecallFeatures, extract_features, training_docs
+from .recall_data import RecallDoc, RecallFeatures, extract_features, training_docs
+from .token_recall_data import TokenFeatures, extract_token_features
 from .train_data import data_dir
 
 logger = logging.getLogger(__name__)
@@ -40,8 +48,11 @@ class RecallRecipe:
     """Everything ``hmtqa train-recall`` needs; each field is a flag of the same name."""
 
     base: str = "default"  # checkpoint whose backbone, adapter, T and M_init are kept
-    head: str = "segments"  # "segments": the recall head; "passages": a passage head beside it
-    passage_tokens: int = 128  # --head passages: passage width (the engine's passage_tokens)
+    head: str = "segments"  # "segments": the recall head; "passages": a passage head; "tokens": a late-interaction one
+    passage_tokens: int = 128  # --head passages/tokens: passage width (the engine's passage_tokens)
+    token_dim: int = 128  # --head tokens: width of each token's key
+    # Which training documents to read: any of pubmedqa, covidqa, evidence-inference, plos ("all": every one).
+    sources: str = "all"
     backbone: str = "smollm2-135m-instruct"
     data_dir: str | None = None
     out: str = "runs/recall"
@@ -77,6 +88,39 @@ def passage_model(base: HMTModel) -> HMTModel:
     return model.to(dtype=base.dtype)
 
 
+def token_model(base: HMTModel, dim: int) -> HMTModel:
+    """``base`` with a late-interaction passage head of ``dim``, started at the cosine of its tokens'
+    centred input embeddings; everything else of ``base`` is kept."""
+    model = HMTModel(base.backbone, base.config.replace(token_recall_dim=dim))
+    with torch.no_grad():
+        state = base.hmt_state_dict()
+        for name, param in model.hmt_state_dict().items():
+            if name in state:
+                param.copy_(state[name])
+    model.token_recall.init_from_embeddings(model.backbone.get_input_embeddings().weight)
+    return model.to(dtype=base.dtype)
+
+
+SOURCES = ("pubmedqa", "covidqa", "evidence-inference", "plos")
+
+
+def _sources(recipe: RecallRecipe) -> tuple[str, ...]:
+    if recipe.sources == "all":
+        return SOURCES
+    picked = tuple(s.strip() for s in recipe.sources.split(",") if s.strip())
+    unknown = [s for s in picked if s not in SOURCES]
+    if unknown or not picked:
+        raise ValueError(f"--sources: unknown {unknown or recipe.sources!r}; choose from {', '.join(SOURCES)} or all")
+    return picked
+
+
+def _training_docs(recipe: RecallRecipe) -> list[RecallDoc]:
+    prefixes = tuple(("pqa" if s == "pubmedqa" else s) + "-" for s in _sources(recipe))
+    docs = training_docs(data_dir(recipe.data_dir), plos_docs=recipe.plos_docs if "plos" in _sources(recipe) else 0,
+                         cloze_per_1k=recipe.cloze_per_1k, seed=recipe.seed)
+    return [d for d in docs if d.doc_id.startswith(prefixes)]
+
+
 def _load_base(recipe: RecallRecipe) -> tuple[HMTModel, object, Path | None]:
     backbone, tokenizer = load_backbone(recipe.backbone, dtype="float32")
     if recipe.base.lower() == "none":
@@ -102,8 +146,11 @@ def _split(features: RecallFeatures, val_share: float, seed: int) -> tuple[list[
 def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
     """Train and save; returns the summary written to ``OUT/final/recall_training.json`` (or
     ``passage_training.json`` for ``--head passages``)."""
-    if recipe.head not in ("segments", "passages"):
-        raise ValueError(f"--head must be 'segments' or 'passages' (got {recipe.head!r})")
+    if recipe.head not in ("segments", "passages", "tokens"):
+        raise ValueError(f"--head must be 'segments', 'passages' or 'tokens' (got {recipe.head!r})")
+    _sources(recipe)  # a wrong --sources fails now, not after the model has loaded
+    if recipe.head == "tokens":
+        return _run_tokens(recipe, progress=progress)
     passages = recipe.head == "passages"
     began = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -120,8 +167,7 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
         timing = cache / "extract.json"
         extract_s = json.loads(timing.read_text())["extract_s"] if timing.is_file() else None
     else:
-        docs = training_docs(data_dir(recipe.data_dir), plos_docs=recipe.plos_docs,
-                             cloze_per_1k=recipe.cloze_per_1k, seed=recipe.seed)
+        docs = _training_docs(recipe)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -188,3 +234,92 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
 def _kind_subset(examples, features: RecallFeatures, rows: list[int], kind: str):
     picked = [i for i in rows if features.query_kind[i] == kind]
     return examples.subset(picked)
+
+
+def _run_tokens(recipe: RecallRecipe, *, progress: bool) -> dict:
+    """``--head tokens``: cached token features, a fitted ``TokenRecall``, the base's other files."""
+    began = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    out = Path(recipe.out)
+    base, tokenizer, base_path = _load_base(recipe)
+    if base_path is None:
+        raise ValueError("--head tokens needs a base checkpoint (not --base none)")
+    model = token_model(base, recipe.token_dim).to(dtype=resolve_dtype(recipe.dtype)).eval()
+    cache = out / "token_features"
+    reused = TokenFeatures.exists(cache)
+    if reused:
+        features = TokenFeatures.load(cache)
+        timing = cache / "extract.json"
+        extract_s = json.loads(timing.read_text())["extract_s"] if timing.is_file() else None
+        if features.width != recipe.passage_tokens:
+            raise ValueError(f"cached token features in {cache} are for passages of {features.width} tokens, "
+                             f"not --passage-tokens {recipe.passage_tokens}; give another --out")
+    else:
+        docs = _training_docs(recipe)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(docs), desc="reading documents", unit="doc")
+        t0 = time.perf_counter()
+        features = extract_token_features(model, tokenizer, docs, width=recipe.passage_tokens,
+                                          progress=(lambda i, n: bar.update(1)) if bar else None)
+        extract_s = time.perf_counter() - t0
+        if bar:
+            bar.close()
+        features.save(cache)
+        (cache / "extract.json").write_text(json.dumps({"extract_s": extract_s}))
+    docs, queries = features.examples()
+    # Validation by document, as for the pooled heads: the fit never sees a held-out document.
+    names = sorted(set(q.doc for q in queries))
+    random.Random(recipe.seed).shuffle(names)
+    val_docs = set(names[: round(len(names) * recipe.val_share)])
+    fit = [q for q in queries if q.doc not in val_docs]
+    val = [q for q in queries if q.doc in val_docs]
+    _, questions = features.examples(("question",))
+    val_questions = [q for q in questions if q.doc in val_docs]
+    head = model.token_recall.float()
+    embeddings = model.backbone.get_input_embeddings().weight.detach().float()
+    width = recipe.passage_tokens
+    before = token_rank_metrics(head, embeddings, docs, val, width=width) if val else None
+    t0 = time.perf_counter()
+    log = fit_token_recall(head, embeddings, docs, fit, width=width, steps=recipe.steps,
+                           batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                           seed=recipe.seed)
+    fit_s = time.perf_counter() - t0
+    summary = {
+        "recipe": asdict(recipe),
+        "feature_dtype": str(model.dtype).removeprefix("torch."),
+        "base_checkpoint": str(base_path),
+        "queries": {kind: features.query_kind.count(kind) for kind in sorted(set(features.query_kind))},
+        "documents": len(features.doc_names),
+        "tokens": int(features.doc_ids.shape[0]),
+        "fit_queries": len(fit),
+        "val_queries": len(val),
+        # "before": the untrained head (cosine of input embeddings), on the same held-out documents.
+        "val_before": before,
+        "val_after": token_rank_metrics(head, embeddings, docs, val, width=width) if val else None,
+        "val_after_questions": token_rank_metrics(head, embeddings, docs, val_questions, width=width)
+        if val_questions
+        else None,
+        "log": log,
+        "extract_s": extract_s,
+        "fit_s": fit_s,
+        "total_s": time.perf_counter() - began,
+        "features_reused": reused,
+    }
+    head.to(dtype=model.dtype)
+    final = out / "final"
+    model.save_pretrained(final)
+    # Everything else of the base still holds (memories, pooled heads unchanged): adapter, decision
+    # heads and their thresholds, training records, model card.
+    if (base_path / "adapter").is_dir():
+        shutil.copytree(base_path / "adapter", final / "adapter")
+        meta = json.loads((final / "config.json").read_text())
+        meta["has_adapter"] = True
+        (final / "config.json").write_text(json.dumps(meta, indent=2))
+    for f in sorted(base_path.iterdir()):
+        if f.is_file() and not (final / f.name).exists():
+            shutil.copy2(f, final / f.name)
+    (final / "token_recall_training.json").write_text(json.dumps(summary, indent=2))
+    return summary

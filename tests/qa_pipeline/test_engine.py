@@ -186,6 +186,31 @@ def has_passages(store: MemoryStore, doc_id: str) -> bool:
     return True
 
 
+def token_logits_by_hand(engine: Engine, store: MemoryStore, doc_id: str, question: str) -> np.ndarray:
+    """Late-interaction logits of every passage slot from the stored token keys, in float64 loops:
+    per question token, its best cosine among the passage's real tokens, weighted and summed."""
+    arrays = store.arrays(doc_id, ["passage_token_key", "passage_tokens"])
+    counts = arrays["passage_tokens"]
+    keys = arrays["passage_token_key"].astype(np.float64)
+    n, per_segment = counts.shape
+    width = keys.shape[1] // per_segment
+    head = engine.model.token_recall
+    ids = torch.tensor([engine.tokenizer(question, add_special_tokens=False).input_ids])
+    ids = ids[:, : engine.model.config.summary_length]
+    with torch.no_grad():
+        states = engine.model.query_token_states(ids)[0]
+        queries, weights = head.queries(engine.model._embed(ids)[0], states)
+        scale = float(head.log_scale.exp())
+    queries, weights = queries.double().numpy(), weights.double().numpy()
+    out = np.full(n * per_segment, -np.inf)
+    for s in range(n):
+        for j in range(per_segment):
+            real = keys[s, j * width : j * width + counts[s, j]]
+            if len(real):
+                out[s * per_segment + j] = scale * float(weights @ (queries @ real.T).max(axis=1))
+    return out
+
+
 def _check_passages(engine: Engine, store: MemoryStore, ans: Answer, text: str) -> None:
     """An open hmt+retrieval answer's evidence: passages ranked by softmax(scale * q.k) over every
     passage key, as many in the prompt as fit retrieval_segments * L tokens."""
@@ -200,6 +225,9 @@ def _check_passages(engine: Engine, store: MemoryStore, ans: Answer, text: str) 
         arrays["passage_key"].reshape(tokens.size, -1).astype(np.float64) @ query.float().numpy().astype(np.float64)
     )
     logits[tokens == 0] = -np.inf  # a short last segment's empty rows
+    assert ans.recall_score == pytest.approx(logits.max(), rel=1e-5)  # always the pooled head's best
+    if engine.model.token_recall is not None:
+        logits = token_logits_by_hand(engine, store, ans.doc_id, ans.question)
     weights = np.exp(logits - logits.max())
     weights /= weights.sum()
     order = np.argsort(-logits, kind="stable")
@@ -398,6 +426,40 @@ def test_a_passage_head_ranks_the_passages(engine, doc, ingested, tmp_path):
     assert [s for s, _ in ans.recall] == [s for s, _ in plain.recall]
     assert [w for _, w in ans.recall] == pytest.approx([w for _, w in plain.recall], abs=1e-5)
     assert [(e.char_start, e.char_end) for e in ans.evidence] != [(e.char_start, e.char_end) for e in plain.evidence]
+
+
+def test_a_token_head_ranks_the_passages(engine, doc, ingested, tmp_path):
+    """A checkpoint with a late-interaction head: ingestion stores one key per token, open
+    hmt+retrieval answers rank passages by its MaxSim (by hand here), the recall score stays the
+    pooled head's and segment recall stays the segment head's."""
+    from qa_pipeline.recall_recipe import token_model
+
+    model = token_model(engine.model, 8)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        model.token_recall.w_h.weight.add_(torch.randn_like(model.token_recall.w_h.weight))
+    model.save_pretrained(tmp_path / "ckpt")
+    headed = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(tmp_path / "ckpt"), block_segments=4,
+                                 max_new_tokens=2))
+    assert headed.model.token_recall is not None and headed.model.config.token_recall_dim == 8
+    store = headed.open_store(tmp_path / "s")
+    headed.ingest(store, doc)
+    stored = store.arrays("trial", ["passage_token_key", "passage_tokens", "passage_key"])
+    L = headed.model.config.segment_length
+    assert stored["passage_token_key"].shape == (stored["passage_key"].shape[0], L, 8)
+    norms = np.linalg.norm(stored["passage_token_key"], axis=-1)
+    real = np.arange(L)[None] < stored["passage_tokens"].sum(axis=1, keepdims=True)
+    assert np.allclose(norms[real], 1, atol=1e-5) and not norms[~real].any()  # a short last segment's rest is 0
+    question = "Which drug was used?"
+    ans = headed.ask(store, "trial", question, mode="hmt+retrieval", max_new_tokens=2)
+    _check_evidence(headed, store, ans, doc.text)
+    pooled = engine.ask(ingested[0], "trial", question, mode="hmt+retrieval", max_new_tokens=2)
+    assert [s for s, _ in ans.recall] == [s for s, _ in pooled.recall]
+    assert ans.recall_score == pytest.approx(pooled.recall_score, rel=1e-5)
+    by_hand = token_logits_by_hand(headed, store, "trial", question)
+    assert [(e.char_start, e.char_end) for e in ans.evidence][0] == tuple(
+        store.arrays("trial", ["passage_chars"])["passage_chars"].reshape(-1, 2)[int(np.argmax(by_hand))]
+    )
 
 
 def test_open_retrieval_without_passage_keys_uses_whole_segments(engine, doc, tmp_path, monkeypatch):

@@ -132,3 +132,54 @@ def test_train_recall_passage_head_keeps_the_base_whole(tmp_path, capsys):
     for name, value in base.hmt_state_dict().items():
         assert torch.equal(trained.hmt_state_dict()[name], value), name  # the segment side is the base's
     assert not torch.equal(trained.passage_recall.w_q.weight, trained.recall.w_q.weight)
+
+
+def test_train_recall_token_head_reads_fits_and_keeps_the_base(tmp_path, capsys, monkeypatch):
+    """`hmtqa train-recall --head tokens`: token features are read (then reused), the head is fitted,
+    and the checkpoint is the base plus a late-interaction head; the base's other files come along."""
+    import torch
+
+    from hmt import HMTConfig, HMTModel, load_backbone
+    from qa_pipeline import recall_recipe
+    from qa_pipeline.recall_data import RecallDoc
+    from qa_pipeline.token_recall_data import TokenFeatures
+
+    backbone, _ = load_backbone("tiny-random", dtype="float32")
+    base = HMTModel(backbone, HMTConfig(segment_length=32, sensory_length=4))
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "decision_heads.json").write_text("{}")
+    rng = random.Random(0)
+    words = "cell dose trial patient risk outcome protein gene therapy cohort blood sample".split()
+    docs = []
+    for d in range(6):
+        text = " ".join(" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(12))
+        starts = [i for i, c in enumerate(text) if c == "."][::3]
+        docs.append(RecallDoc(f"covidqa-d{d}", text, group=f"g{d}", queries=[
+            (text[max(0, s - 40) : s], [(max(0, s - 40), s)], "question") for s in starts
+        ]))
+    monkeypatch.setattr(recall_recipe, "_training_docs", lambda recipe: docs)
+    out = tmp_path / "run"
+    args = ["train-recall", "--head", "tokens", "--base", str(tmp_path / "base"), "--backbone", "tiny-random",
+            "--out", str(out), "--passage-tokens", "16", "--token-dim", "8", "--steps", "20", "--batch-size", "8",
+            "--val-share", "0.34", "--dtype", "float32", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert not summary["features_reused"] and summary["documents"] == 6 and summary["val_queries"] > 0
+    assert set(summary["val_after"]) == {"hit@1", "hit@5", "mrr", "n"} and summary["feature_dtype"] == "float32"
+    features = TokenFeatures.load(out / "token_features")
+    assert features.width == 16 and features.doc_offsets[-1] == features.doc_ids.shape[0] == features.doc_states.shape[0]
+    final = out / "final"
+    assert (final / "token_recall_training.json").is_file() and (final / "decision_heads.json").read_text() == "{}"
+    trained = HMTModel.from_pretrained(final, backbone=load_backbone("tiny-random", dtype="float32")[0])
+    assert trained.config.token_recall_dim == 8
+    for name, value in base.hmt_state_dict().items():
+        assert torch.equal(trained.hmt_state_dict()[name], value), name
+    assert main(args) == 0  # again: the cached token features are reused
+    assert json.loads(capsys.readouterr().out)["features_reused"]
+    assert main([*args[:-1], "--passage-tokens", "8", "--json"]) == 2  # cached for another width
+    assert "passages of 16 tokens" in capsys.readouterr().err
+
+
+def test_train_recall_refuses_unknown_sources(tmp_path, capsys):
+    assert main(["train-recall", "--sources", "covidqa,wikipedia", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown" in capsys.readouterr().err
