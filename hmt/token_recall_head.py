@@ -74,6 +74,8 @@ def fit_token_recall(
     width: int,
     steps: int = 600,
     batch_size: int = 32,
+    docs_per_step: int = 4,
+    trainable: tuple[str, ...] | None = None,
     lr: float = 2e-3,
     weight_decay: float = 0.01,
     seed: int = 0,
@@ -82,26 +84,44 @@ def fit_token_recall(
 ) -> list[dict]:
     """Fit ``head`` so that each question ranks its gold passages first among its document's.
 
-    ``embeddings``: the backbone's input embedding matrix (V, d), frozen.
+    ``embeddings``: the backbone's input embedding matrix (V, d), frozen. Each step takes
+    ``batch_size`` questions from ``docs_per_step`` documents: a document's token keys (thousands of
+    tokens) are the costly part, so they are made once per step for several of its questions.
 
     Returns:
         The logged points: step, mean loss since the last log, learning rate.
     """
     if not queries:
         raise ValueError("fit_token_recall: no questions to fit on")
-    params = list(head.parameter_dict().values())
-    for p in params:
-        p.requires_grad_(True)
+    # ``trainable``: which parts move ("w_e", "w_h", "w_weight", "log_scale"; all by default). On a
+    # few hundred questions the key maps overfit; the question-token weights and the scale do not.
+    named = {name.lstrip(".").split(".")[0]: None for name in head.parameter_dict("")}
+    unknown = set(trainable or ()) - set(named)
+    if unknown:
+        raise ValueError(f"fit_token_recall: no part {sorted(unknown)} (parts: {', '.join(named)})")
+    params = []
+    for name, p in head.parameter_dict("").items():
+        train = trainable is None or name.lstrip(".").split(".")[0] in trainable
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
     embeddings = embeddings.detach().float()
+    per_query_doc: dict[int, list[TokenQuery]] = {}
+    for q in queries:
+        per_query_doc.setdefault(q.doc, []).append(q)
+    doc_list = sorted(per_query_doc)
     log, running, count = [], 0.0, 0
     for step in range(1, steps + 1):
-        rows = torch.randint(0, len(queries), (min(batch_size, len(queries)),), generator=gen).tolist()
+        picked = torch.randperm(len(doc_list), generator=gen)[:docs_per_step].tolist()
+        per_doc = max(1, batch_size // len(picked))
         by_doc: dict[int, list[TokenQuery]] = {}
-        for i in rows:
-            by_doc.setdefault(queries[i].doc, []).append(queries[i])
+        for j in picked:
+            own = per_query_doc[doc_list[j]]
+            rows = torch.randint(0, len(own), (per_doc,), generator=gen).tolist()
+            by_doc[doc_list[j]] = [own[i] for i in rows]
         losses = []
         for d, qs in by_doc.items():
             for q, logits in zip(qs, _passage_logits(head, embeddings, docs[d], qs, width), strict=True):
@@ -121,7 +141,7 @@ def fit_token_recall(
             if on_log is not None:
                 on_log(point)
             running, count = 0.0, 0
-    for p in params:
+    for p in head.parameters():
         p.requires_grad_(False)
     return log
 

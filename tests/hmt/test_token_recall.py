@@ -146,3 +146,20 @@ def test_token_head_saves_and_loads(tmp_path):
 def test_fitting_without_questions_is_refused():
     with pytest.raises(ValueError, match="no questions"):
         fit_token_recall(TokenRecall(WIDTH, 4), torch.randn(VOCAB, WIDTH), [], [], width=8)
+
+
+def test_fitting_only_some_parts_leaves_the_others():
+    torch.manual_seed(0)
+    emb = torch.randn(VOCAB, WIDTH)
+    docs = [TokenDoc(torch.randint(0, VOCAB, (24,)), torch.randn(24, WIDTH)) for _ in range(2)]
+    queries = [TokenQuery(d, torch.randint(0, VOCAB, (3,)), torch.randn(3, WIDTH), [p]) for d in range(2) for p in range(3)]
+    head = TokenRecall(WIDTH, 8)
+    head.init_from_embeddings(emb)
+    before = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    fit_token_recall(head, emb, docs, queries, width=8, steps=5, lr=1e-1, trainable=("w_weight", "log_scale"))
+    after = head.state_dict()
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == name.startswith(("w_weight", "log_scale")), name
+    with pytest.raises(ValueError, match="no part"):
+        fit_token_recall(head, emb, docs, queries, width=8, steps=1, trainable=("w_q",))
