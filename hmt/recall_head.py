@@ -138,16 +138,43 @@ def fit_recall_head(
     start = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     docs = _doc_segments(examples.segment_doc)
     gen = torch.Generator().manual_seed(seed)
-    log, running, count = [], 0.0, 0
-    for step in range(1, steps + 1):
+
+    def step_loss() -> torch.Tensor:
         rows = torch.randint(0, len(examples), (min(batch_size, len(examples)),), generator=gen).tolist()
         loss = recall_loss(recall, examples, rows, docs)
         if weight_decay:
             loss = loss + weight_decay * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start, strict=True))
+        return loss
+
+    log = run_steps(params, step_loss, steps=steps, lr=lr, log_every=log_every, on_log=on_log, name="recall head")
+    for p in params:
+        p.requires_grad_(False)
+    return log
+
+
+def run_steps(
+    params: list[torch.nn.Parameter],
+    step_loss: Callable[[], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    log_every: int = 100,
+    on_log: Callable[[dict], None] | None = None,
+    name: str = "head",
+) -> list[dict]:
+    """AdamW over ``params`` on ``step_loss()`` for ``steps`` steps, cosine-decayed learning rate.
+
+    Returns:
+        The logged points: step, mean loss since the last log, learning rate.
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    log, running, count = [], 0.0, 0
+    for step in range(1, steps + 1):
+        loss = step_loss()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -157,10 +184,8 @@ def fit_recall_head(
         if step % log_every == 0 or step == steps:
             point = {"step": step, "loss": running / count, "lr": sched.get_last_lr()[0]}
             log.append(point)
-            logger.info("recall head step %d loss %.4f", step, point["loss"])
+            logger.info("%s step %d loss %.4f", name, step, point["loss"])
             if on_log is not None:
                 on_log(point)
             running, count = 0.0, 0
-    for p in params:
-        p.requires_grad_(False)
     return log

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .recall_head import run_steps
 from .token_recall import TokenRecall
 
 logger = logging.getLogger(__name__)
@@ -105,42 +106,27 @@ def fit_token_recall(
         p.requires_grad_(train)
         if train:
             params.append(p)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
     embeddings = embeddings.detach().float()
     per_query_doc: dict[int, list[TokenQuery]] = {}
     for q in queries:
         per_query_doc.setdefault(q.doc, []).append(q)
     doc_list = sorted(per_query_doc)
-    log, running, count = [], 0.0, 0
-    for step in range(1, steps + 1):
+
+    def step_loss() -> torch.Tensor:
         picked = torch.randperm(len(doc_list), generator=gen)[:docs_per_step].tolist()
         per_doc = max(1, batch_size // len(picked))
-        by_doc: dict[int, list[TokenQuery]] = {}
+        losses = []
         for j in picked:
             own = per_query_doc[doc_list[j]]
-            rows = torch.randint(0, len(own), (per_doc,), generator=gen).tolist()
-            by_doc[doc_list[j]] = [own[i] for i in rows]
-        losses = []
-        for d, qs in by_doc.items():
-            for q, logits in zip(qs, _passage_logits(head, embeddings, docs[d], qs, width), strict=True):
+            qs = [own[i] for i in torch.randint(0, len(own), (per_doc,), generator=gen).tolist()]
+            for q, logits in zip(qs, _passage_logits(head, embeddings, docs[doc_list[j]], qs, width), strict=True):
                 gold = torch.tensor([p for p in q.positives if p < logits.shape[0]], dtype=torch.long)
                 losses.append(torch.logsumexp(logits, 0) - torch.logsumexp(logits[gold], 0))
-        loss = torch.stack(losses).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        running += float(loss.detach())
-        count += 1
-        if step % log_every == 0 or step == steps:
-            point = {"step": step, "loss": running / count, "lr": sched.get_last_lr()[0]}
-            log.append(point)
-            logger.info("token recall step %d loss %.4f", step, point["loss"])
-            if on_log is not None:
-                on_log(point)
-            running, count = 0.0, 0
+        return torch.stack(losses).mean()
+
+    log = run_steps(params, step_loss, steps=steps, lr=lr, weight_decay=weight_decay, log_every=log_every,
+                    on_log=on_log, name="token recall")
     for p in head.parameters():
         p.requires_grad_(False)
     return log

@@ -72,10 +72,11 @@ class EngineConfig:
     evidence_k: int = 5  # evidence segments returned with an answer
     retrieval_segments: int = 3  # raw segments put into the prompt in mode hmt+retrieval
     # Open questions in mode hmt+retrieval: the prompt's text is the passages of this many tokens that the
-    # recall head scores highest, ``retrieval_segments * segment_length`` tokens in all, instead of whole
-    # segments. A passage's key is made as a segment's is (its pooled states through W_k), so the
-    # same head ranks them; 128 = the summary pass's j. 0: whole recalled segments (closed questions
-    # always, since the decision heads were fitted on that prompt).
+    # model's passage ranking scores highest, ``retrieval_segments * segment_length`` tokens in all,
+    # instead of whole segments: its late-interaction head over the passage's token keys when it has one
+    # (``HMTModel.token_recall``), else a pooled head over the passage's mean state; 128 = the summary
+    # pass's j. 0: whole recalled segments (closed questions always, since the decision heads were
+    # fitted on that prompt).
     passage_tokens: int = 128
     dense_k: int = 4  # chunks put into the prompt in mode dense-rag
     dense_chunk_chars: int = 800
@@ -103,7 +104,7 @@ class Evidence:
     char_end: int
     weight: float  # recall weight (hmt modes) or cosine similarity (dense-rag)
     snippet: str
-    passage: bool = False  # a passage of ``segment`` ranked by the recall head, not the whole segment
+    passage: bool = False  # a passage of ``segment`` ranked by a passage head, not the whole segment
 
 
 NOT_IN_DOCUMENT = "The document does not seem to say."
@@ -136,7 +137,8 @@ class Answer:
     # window in mode none.
     prompt_passages: int = 0
     # Open questions in the HMT modes: how well the document's best passage matches the question, by
-    # the model's own passage head (its logit, before the softmax over the document's passages). The
+    # the model's own pooled passage head (its logit, before the softmax over the document's passages;
+    # the late-interaction head, when it ranks the passages, has no threshold fitted to it). The
     # softmax share says which passage is best *in this document*; this raw score also says how good
     # the best one is, so it is low when the document is about something else (not when a document
     # on the question's subject lacks the answer: bench.not_in_document). None without passage keys.

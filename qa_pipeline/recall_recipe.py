@@ -218,21 +218,28 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
     }
     head.to(dtype=model.dtype)
     final = out / "final"
+    # A passage head leaves the base's memories unchanged, so its other files still hold.
+    _save_checkpoint(model, final, base_path, base_files=passages)
+    (final / ("passage_training.json" if passages else "recall_training.json")).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_checkpoint(model: HMTModel, final: Path, base_path: Path | None, *, base_files: bool) -> None:
+    """Save ``model`` at ``final`` with the base's LoRA adapter (folded into the backbone at load, so
+    copied unchanged) and, with ``base_files``, the base's other files that still hold: decision
+    heads and their thresholds, training records, model card."""
     model.save_pretrained(final)
-    if base_path is not None and (base_path / "adapter").is_dir():
-        # The adapter was folded into the backbone at load; the checkpoint keeps the base's unchanged.
+    if base_path is None:
+        return
+    if (base_path / "adapter").is_dir():
         shutil.copytree(base_path / "adapter", final / "adapter")
         meta = json.loads((final / "config.json").read_text())
         meta["has_adapter"] = True
         (final / "config.json").write_text(json.dumps(meta, indent=2))
-    if passages:
-        # Everything else of the base still holds (its memories are unchanged): decision heads,
-        # training records, model card.
+    if base_files:
         for f in sorted(base_path.iterdir()):
             if f.is_file() and not (final / f.name).exists():
                 shutil.copy2(f, final / f.name)
-    (final / ("passage_training.json" if passages else "recall_training.json")).write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def _kind_subset(examples, features: RecallFeatures, rows: list[int], kind: str):
@@ -317,16 +324,6 @@ def _run_tokens(recipe: RecallRecipe, *, progress: bool) -> dict:
     }
     head.to(dtype=model.dtype)
     final = out / "final"
-    model.save_pretrained(final)
-    # Everything else of the base still holds (memories, pooled heads unchanged): adapter, decision
-    # heads and their thresholds, training records, model card.
-    if (base_path / "adapter").is_dir():
-        shutil.copytree(base_path / "adapter", final / "adapter")
-        meta = json.loads((final / "config.json").read_text())
-        meta["has_adapter"] = True
-        (final / "config.json").write_text(json.dumps(meta, indent=2))
-    for f in sorted(base_path.iterdir()):
-        if f.is_file() and not (final / f.name).exists():
-            shutil.copy2(f, final / f.name)
+    _save_checkpoint(model, final, base_path, base_files=True)  # memories and pooled heads unchanged
     (final / "token_recall_training.json").write_text(json.dumps(summary, indent=2))
     return summary
