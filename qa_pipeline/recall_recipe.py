@@ -99,7 +99,8 @@ def token_model(base: HMTModel, dim: int) -> HMTModel:
     with torch.no_grad():
         state = base.hmt_state_dict()
         for name, param in model.hmt_state_dict().items():
-            if name in state:
+            # A base that has a token head already gets a fresh one: the fit always starts at the start.
+            if name in state and not name.startswith("token_recall."):
                 param.copy_(state[name])
     model.token_recall.init_from_embeddings(model.backbone.get_input_embeddings().weight)
     return model.to(dtype=base.dtype)

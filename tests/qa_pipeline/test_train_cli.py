@@ -172,6 +172,9 @@ def test_train_recall_token_head_reads_fits_and_keeps_the_base(tmp_path, capsys,
     assert (final / "token_recall_training.json").is_file() and (final / "decision_heads.json").read_text() == "{}"
     trained = HMTModel.from_pretrained(final, backbone=load_backbone("tiny-random", dtype="float32")[0])
     assert trained.config.token_recall_dim == 8
+    assert trained.token_recall.w_weight.weight.abs().sum() > 0  # the question-token weights were fitted
+    again = recall_recipe.token_model(trained, 8)  # a base with a token head: the next fit starts afresh
+    assert not again.token_recall.w_weight.weight.any() and not again.token_recall.w_h.weight.any()
     for name, value in base.hmt_state_dict().items():
         assert torch.equal(trained.hmt_state_dict()[name], value), name
     assert main(args) == 0  # again: the cached token features are reused
