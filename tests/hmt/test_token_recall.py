@@ -43,6 +43,7 @@ def test_score_is_the_weighted_maxsim_of_unit_keys():
     assert float(weights.sum()) == pytest.approx(1.0)
 
 
+@torch.no_grad()
 def test_padding_and_empty_passages():
     head = _perturbed()
     queries, weights = head.queries(torch.randn(4, WIDTH), torch.randn(4, WIDTH), mask=torch.tensor([1, 1, 0, 0]))
@@ -52,6 +53,7 @@ def test_padding_and_empty_passages():
     assert torch.isfinite(scores[[0, 2]]).all() and scores[1] == float("-inf")  # an empty passage never wins
 
 
+@torch.no_grad()
 def test_start_is_the_cosine_of_centred_embeddings():
     """Untrained (after ``init_from_embeddings`` with dim = d), a token's key is its centred input
     embedding, normalised: the same word matches itself with cosine 1, whatever its context."""
