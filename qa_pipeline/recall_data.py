@@ -161,6 +161,10 @@ class RecallFeatures:
         np.savez(path / "features.npz", **arrays)
         (path / "features.json").write_text(json.dumps(meta))
 
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return (path / "features.npz").is_file()
+
     @classmethod
     def load(cls, path: Path) -> RecallFeatures:
         arrays = np.load(path / "features.npz")

@@ -164,28 +164,14 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
     if passages and base_path is None:
         raise ValueError("--head passages needs a base checkpoint with a trained recall head (not --base none)")
     model = (passage_model(base) if passages else content_model(base)).to(dtype=resolve_dtype(recipe.dtype)).eval()
-    cache = out / "features"
-    reused = (cache / "features.npz").is_file()
-    if reused:
-        features = RecallFeatures.load(cache)
-        # The time of the run that read them, so a rerun's summary still says what the features cost.
-        timing = cache / "extract.json"
-        extract_s = json.loads(timing.read_text())["extract_s"] if timing.is_file() else None
-    else:
-        docs = _training_docs(recipe)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(docs), desc="reading documents", unit="doc")
-        t0 = time.perf_counter()
-        features = extract_features(model, tokenizer, docs, passage_length=recipe.passage_tokens if passages else None,
-                                    progress=(lambda i, n: bar.update(1)) if bar else None)
-        extract_s = time.perf_counter() - t0
-        if bar:
-            bar.close()
-        features.save(cache)
-        (cache / "extract.json").write_text(json.dumps({"extract_s": extract_s}))
+    features, extract_s, reused = _features(
+        out / "features",
+        RecallFeatures,
+        lambda docs, bar: extract_features(model, tokenizer, docs, passage_length=recipe.passage_tokens if passages
+                                           else None, progress=bar),
+        recipe,
+        progress,
+    )
     fit_rows, val_rows = _split(features, recipe.val_share, recipe.seed)
     all_examples = features.examples(passages=passages)
     fit, val = all_examples.subset(fit_rows), all_examples.subset(val_rows)
@@ -225,6 +211,29 @@ def run(recipe: RecallRecipe, *, progress: bool = True) -> dict:
     return summary
 
 
+def _features(cache: Path, kind, extract, recipe: RecallRecipe, progress: bool):
+    """``kind`` features cached at ``cache``, or read now by ``extract(docs, progress_callback)`` and
+    cached; returns (features, seconds the reading took, reused)."""
+    if kind.exists(cache):
+        # The time of the run that read them, so a rerun's summary still says what the features cost.
+        timing = cache / "extract.json"
+        return kind.load(cache), json.loads(timing.read_text())["extract_s"] if timing.is_file() else None, True
+    docs = _training_docs(recipe)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(docs), desc="reading documents", unit="doc")
+    t0 = time.perf_counter()
+    features = extract(docs, (lambda i, n: bar.update(1)) if bar else None)
+    extract_s = time.perf_counter() - t0
+    if bar:
+        bar.close()
+    features.save(cache)
+    (cache / "extract.json").write_text(json.dumps({"extract_s": extract_s}))
+    return features, extract_s, False
+
+
 def _save_checkpoint(model: HMTModel, final: Path, base_path: Path | None, *, base_files: bool) -> None:
     """Save ``model`` at ``final`` with the base's LoRA adapter (folded into the backbone at load, so
     copied unchanged) and, with ``base_files``, the base's other files that still hold: decision
@@ -258,29 +267,16 @@ def _run_tokens(recipe: RecallRecipe, *, progress: bool) -> dict:
         raise ValueError("--head tokens needs a base checkpoint (not --base none)")
     model = token_model(base, recipe.token_dim).to(dtype=resolve_dtype(recipe.dtype)).eval()
     cache = out / "token_features"
-    reused = TokenFeatures.exists(cache)
-    if reused:
-        features = TokenFeatures.load(cache)
-        timing = cache / "extract.json"
-        extract_s = json.loads(timing.read_text())["extract_s"] if timing.is_file() else None
-        if features.width != recipe.passage_tokens:
-            raise ValueError(f"cached token features in {cache} are for passages of {features.width} tokens, "
-                             f"not --passage-tokens {recipe.passage_tokens}; give another --out")
-    else:
-        docs = _training_docs(recipe)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(docs), desc="reading documents", unit="doc")
-        t0 = time.perf_counter()
-        features = extract_token_features(model, tokenizer, docs, width=recipe.passage_tokens,
-                                          progress=(lambda i, n: bar.update(1)) if bar else None)
-        extract_s = time.perf_counter() - t0
-        if bar:
-            bar.close()
-        features.save(cache)
-        (cache / "extract.json").write_text(json.dumps({"extract_s": extract_s}))
+    features, extract_s, reused = _features(
+        cache,
+        TokenFeatures,
+        lambda docs, bar: extract_token_features(model, tokenizer, docs, width=recipe.passage_tokens, progress=bar),
+        recipe,
+        progress,
+    )
+    if reused and features.width != recipe.passage_tokens:
+        raise ValueError(f"cached token features in {cache} are for passages of {features.width} tokens, "
+                         f"not --passage-tokens {recipe.passage_tokens}; give another --out")
     docs, queries = features.examples()
     # Validation by document, as for the pooled heads: the fit never sees a held-out document.
     names = sorted(set(q.doc for q in queries))
