@@ -822,12 +822,13 @@ class Engine:
         n, per_segment = counts.shape
         token_keys = torch.from_numpy(arrays["passage_token_key"])  # (n, L, dim)
         width = token_keys.shape[1] // per_segment
-        grid = token_keys.view(n * per_segment, width, -1)
-        mask = torch.arange(width)[None] < counts.reshape(-1, 1)
+        device = self.model.device
+        grid = token_keys.view(n * per_segment, width, -1).to(device)
+        mask = (torch.arange(width)[None] < counts.reshape(-1, 1)).to(device)
         with torch.inference_mode():
             hidden = self.model.query_token_states(recall_ids)[0]
             queries, weights = head.queries(self.model._embed(recall_ids[:, : hidden.shape[0]])[0], hidden)
-            return head.scores(queries.cpu(), weights.cpu(), grid, mask).numpy()
+            return head.scores(queries, weights, grid, mask).float().cpu().numpy()
 
     def recall_score(self, store: MemoryStore, doc_id: str, question: str) -> float | None:
         """``Answer.recall_score`` of an open question, without answering it (fitting its threshold)."""
