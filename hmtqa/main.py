@@ -145,6 +145,7 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
             open_questions=ns.open_questions,
             open_half=ns.open_half,
             closed=ns.closed,
+            open_max_abstain=ns.open_max_abstain,
         )
     finally:
         for bar in bars.values():
@@ -167,7 +168,11 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
             )
             + (_open_summary(report["open"]) if "open" in report else "")
             + (
-                _open_summary(report["open_recall"], "recall score", report["open"])
+                _open_summary(
+                    report["open_recall"],
+                    f"recall score ({report['open_recall'].get('recall_signal', 'passage')} head)",
+                    report["open"],
+                )
                 if "n_positive" in report.get("open_recall", {})
                 else ""
             )
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a checkpoint's decision heads for closed questions (PubMedQA yes/no/maybe, Evidence "
         "Inference) on cached answering-pass features of training questions",
     )
-    from qa_pipeline.decision_recipe import OPEN_HALVES
+    from qa_pipeline.decision_recipe import OPEN_HALVES, OPEN_MAX_ABSTAIN
 
     from .qa import _engine_args
 
@@ -259,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="COVID-QA articles those questions come from: 'evaluation', the half recall was never trained "
         "on, gives a threshold for new documents (recall is surer of itself on its training articles); "
         "its report adds a cross-fitted estimate",
+    )
+    p.add_argument(
+        "--open-max-abstain",
+        type=float,
+        default=OPEN_MAX_ABSTAIN,
+        help="share of answerable open questions each open threshold may turn away "
+        f"(default {OPEN_MAX_ABSTAIN})",
     )
     p.add_argument(
         "--closed",

@@ -27,6 +27,9 @@ from safetensors.numpy import load_file, save_file
 
 HEADS_FILE = "decision_heads.json"
 WEIGHTS_FILE = "decision_heads.safetensors"
+# What ``Answer.recall_score`` is, i.e. the signal an open-answer recall threshold was fitted on:
+# the best logit of the pooled passage head ("passage"), or of the late-interaction head ("tokens").
+RECALL_SIGNALS = ("passage", "tokens")
 
 
 def option_key(options: list[str]) -> tuple[str, ...]:
@@ -64,13 +67,18 @@ class DecisionHeads:
         heads: list[OptionHead] | None = None,
         open_threshold: float = 0.0,
         open_recall_threshold: float | None = None,
+        open_recall_signal: str = "passage",
     ) -> None:
+        if open_recall_signal not in RECALL_SIGNALS:
+            raise ValueError(f"unknown recall signal {open_recall_signal!r}; one of {', '.join(RECALL_SIGNALS)}")
         self.heads = {option_key(h.options): h for h in heads or []}
         # Open answers with a confidence below this say the document does not seem to say (0: never).
         self.open_threshold = open_threshold
-        # ... and so do those whose recall score (the passage head's best logit for the question, see
+        # ... and so do those whose recall score (a passage head's best logit for the question, see
         # ``Answer.recall_score``) is below this; a logit, so None (not 0) means never.
         self.open_recall_threshold = open_recall_threshold
+        # Which head's logit that threshold was fitted on: the engine computes that one.
+        self.open_recall_signal = open_recall_signal
 
     def __bool__(self) -> bool:
         return bool(self.heads) or self.open_threshold > 0 or self.open_recall_threshold is not None
@@ -115,6 +123,8 @@ class DecisionHeads:
         h = hashlib.sha256(repr(self.open_threshold).encode())
         if self.open_recall_threshold is not None:  # absent from older digests, which stay valid
             h.update(repr(self.open_recall_threshold).encode())
+        if self.open_recall_signal != "passage":  # likewise
+            h.update(self.open_recall_signal.encode())
         for key in sorted(self.heads):
             head = self.heads[key]
             h.update(json.dumps([head.options, head.lm_weight, head.threshold]).encode())
@@ -142,6 +152,7 @@ class DecisionHeads:
             "heads": meta,
             "open_threshold": self.open_threshold,
             "open_recall_threshold": self.open_recall_threshold,
+            "open_recall_signal": self.open_recall_signal,
         }
         (folder / HEADS_FILE).write_text(json.dumps(body, indent=2) + "\n")
 
@@ -174,6 +185,8 @@ class DecisionHeads:
             heads,
             open_threshold=float(body.get("open_threshold", 0.0)),
             open_recall_threshold=None if recall_threshold is None else float(recall_threshold),
+            # Checkpoints saved before there was a choice fitted the pooled passage head's logit.
+            open_recall_signal=body.get("open_recall_signal", "passage"),
         )
 
 

@@ -137,11 +137,12 @@ class Answer:
     # window in mode none.
     prompt_passages: int = 0
     # Open questions in the HMT modes: how well the document's best passage matches the question, by
-    # the model's own pooled passage head (its logit, before the softmax over the document's passages;
-    # the late-interaction head, when it ranks the passages, has no threshold fitted to it). The
-    # softmax share says which passage is best *in this document*; this raw score also says how good
-    # the best one is, so it is low when the document is about something else (not when a document
-    # on the question's subject lacks the answer: bench.not_in_document). None without passage keys.
+    # one of the model's passage heads (its logit, before the softmax over the document's passages):
+    # the one the checkpoint's threshold was fitted on (``DecisionHeads.open_recall_signal``; the
+    # late-interaction head in the default checkpoint). The softmax share says which passage is best
+    # *in this document*; this raw score also says how good the best one is, so it is low when the
+    # document is about something else (not when a document on the question's subject lacks the
+    # answer: bench.not_in_document). None without passage keys (or token keys, for that head).
     recall_score: float | None = None
     # Open questions: the mean log-likelihood of the tokens the model wrote (as it chose them), the
     # answer-likelihood half of ``confidence``.
@@ -786,8 +787,13 @@ class Engine:
         return out
 
     def _passage_scores(
-        self, store: MemoryStore, doc_id: str, recall_ids: torch.Tensor, version: tuple = ()
-    ) -> tuple[dict, np.ndarray, float] | None:
+        self,
+        store: MemoryStore,
+        doc_id: str,
+        recall_ids: torch.Tensor,
+        version: tuple = (),
+        signal: str | None = None,
+    ) -> tuple[dict, np.ndarray, float | None] | None:
         """The document's passage arrays, the logits that rank its passages for the question (one per
         real passage, ``arrays["passage_tokens"] > 0``, flattened, in order) and the recall score;
         None when the document has no passage keys (ingested with ``passage_tokens=0``, or by an
@@ -795,9 +801,11 @@ class Engine:
 
         The ranking is the model's late-interaction head (``HMTModel.token_recall``) when it has one
         and the document holds token keys, else its pooled passage head (``HMTModel.passage_head``:
-        the checkpoint's own, or the segment recall head). The recall score is always the pooled
-        passage head's best logit: how well the best passage matches as a whole, the signal the
-        checkpoint's "not in the document" threshold was fitted on."""
+        the checkpoint's own, or the segment recall head). The recall score is the best logit of the
+        head named by ``signal`` (default: the one the checkpoint's "not in the document" threshold
+        was fitted on, ``DecisionHeads.open_recall_signal``): how well the best passage matches. It
+        is None when that head cannot score this document (no token keys), since a threshold fitted
+        on one head's logits says nothing of another's."""
         if not self.config.passage_tokens:
             return None
         arrays = self._passage_arrays(store, doc_id, version)
@@ -810,10 +818,15 @@ class Engine:
         real = arrays["passage_tokens"].reshape(-1) > 0
         keys = arrays["passage_key"].reshape(-1, arrays["passage_key"].shape[-1])[real]
         pooled = (keys @ query) * scale
-        logits = pooled
+        logits, token_logits = pooled, None
         if self.model.token_recall is not None and "passage_token_key" in arrays:
-            logits = self._token_logits(arrays, recall_ids)[real]
-        return arrays, logits, float(pooled.max())
+            logits = token_logits = self._token_logits(arrays, recall_ids)[real]
+        signal = signal or self.decision_heads.open_recall_signal
+        if signal == "tokens":
+            score = None if token_logits is None else float(token_logits.max())
+        else:
+            score = float(pooled.max())
+        return arrays, logits, score
 
     def _token_logits(self, arrays: dict, recall_ids: torch.Tensor) -> np.ndarray:
         """Late-interaction logits of every passage slot (n * P, flattened; empty slots -inf)."""
@@ -830,11 +843,22 @@ class Engine:
             queries, weights = head.queries(self.model._embed(recall_ids[:, : hidden.shape[0]])[0], hidden)
             return head.scores(queries, weights, grid, mask).float().cpu().numpy()
 
-    def recall_score(self, store: MemoryStore, doc_id: str, question: str) -> float | None:
-        """``Answer.recall_score`` of an open question, without answering it (fitting its threshold)."""
+    @property
+    def recall_signal(self) -> str:
+        """The head whose best logit says best how well a document matches a question: the one that
+        ranks passages (``_passage_scores``). A recall-score threshold is fitted on it."""
+        return "tokens" if self.model.token_recall is not None else "passage"
+
+    def recall_score(
+        self, store: MemoryStore, doc_id: str, question: str, signal: str | None = None
+    ) -> float | None:
+        """``Answer.recall_score`` of an open question, without answering it (fitting its threshold):
+        the best logit of the ``signal`` head (default: the checkpoint's threshold's)."""
         self.check_store(store)
         info = store.get_document(doc_id)
-        scored = self._passage_scores(store, doc_id, self._recall_ids(question.strip()), (info.version,))
+        scored = self._passage_scores(
+            store, doc_id, self._recall_ids(question.strip()), (info.version,), signal
+        )
         return None if scored is None else scored[2]
 
     def _passage_evidence(self, text: str, arrays: dict, logits: np.ndarray) -> tuple[list[Evidence], int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -76,9 +78,20 @@ def test_heads_round_trip_and_match_options_in_any_order_and_case(tmp_path):
         info={"n": 3},
     )
     DecisionHeads([head], open_threshold=0.2, open_recall_threshold=-3.5).save(tmp_path)
+    older = DecisionHeads.load(tmp_path)
+    DecisionHeads([head], open_threshold=0.2, open_recall_threshold=-3.5, open_recall_signal="tokens").save(tmp_path)
     loaded = DecisionHeads.load(tmp_path)
     assert loaded.open_threshold == pytest.approx(0.2)
     assert loaded.open_recall_threshold == pytest.approx(-3.5)  # a logit: below 0 is a real threshold
+    # Which head's logit the threshold was fitted on is saved with it, and changes the answer stamp.
+    assert (older.open_recall_signal, loaded.open_recall_signal) == ("passage", "tokens")
+    assert older.digest() != loaded.digest()
+    body = json.loads((tmp_path / "decision_heads.json").read_text())
+    del body["open_recall_signal"]  # a checkpoint saved before there was a choice: the pooled head's
+    (tmp_path / "decision_heads.json").write_text(json.dumps(body))
+    assert DecisionHeads.load(tmp_path).open_recall_signal == "passage"
+    with pytest.raises(ValueError, match="unknown recall signal"):
+        DecisionHeads(open_recall_signal="bm25")
     lp, hid = np.array([-1.0, -2.0, -3.0]), np.linspace(-1, 1, d)
     probs, threshold = loaded.decide(["yes", "no", "maybe"], lp, hid)
     assert threshold == pytest.approx(0.4)
@@ -302,7 +315,6 @@ def test_a_threshold_that_does_not_separate_is_dropped():
 def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
     """`train-decision --no-closed`: the checkpoint's closed heads and their report stay as they were;
     the open threshold is fitted from open answers given without any threshold."""
-    import json
 
     from qa_pipeline import decision_recipe
     from qa_pipeline.engine import Engine, EngineConfig
@@ -323,7 +335,9 @@ def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
     monkeypatch.setattr(decision_recipe, "covid_open_rows", lambda root, limit, half: rows[:limit])
     engine = Engine(EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4))
     store = engine.open_store(tmp_path / "store")
-    report = decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=12, closed=False)
+    report = decision_recipe.run(
+        engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=12, closed=False, open_max_abstain=0.25
+    )
     assert report["pubmedqa"] == {"chosen": "head"} and report["open"]["n_positive"] == 12
     assert report["dtype"] == str(engine.model.dtype).removeprefix("torch.") != "auto"  # as resolved here
     saved = DecisionHeads.load(ckpt)
@@ -334,6 +348,11 @@ def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
     recall = report["open_recall"]
     assert recall["n_positive"] == recall["n_negative"] == 12 and "cross_fitted" in recall
     assert saved.open_recall_threshold == (recall["threshold"] if recall["useful"] else None)
+    # ... on the logit of the head that ranks passages (this model has no token head), and each
+    # threshold turns away at most the share asked for.
+    assert saved.open_recall_signal == recall["recall_signal"] == engine.recall_signal == "passage"
+    assert report["open"]["max_abstain"] == recall["max_abstain"] == 0.25
+    assert recall["positives_abstained"] <= 0.25 and report["open"]["positives_abstained"] <= 0.25
     assert json.loads((ckpt / "decision_training.json").read_text())["open"] == report["open"]
     with pytest.raises(ValueError, match="nothing to fit"):
         decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=0, closed=False)
@@ -366,7 +385,6 @@ def test_cross_fitted_threshold_judges_each_article_by_the_others():
 
 def test_open_rows_come_from_one_half_of_the_articles(tmp_path):
     """`--open-half`: the two halves split the COVID-QA articles between them, as recall's split does."""
-    import json
 
     from qa_pipeline.decision_recipe import covid_open_rows
     from qa_pipeline.recall_eval import is_train_article

@@ -428,10 +428,11 @@ def test_a_passage_head_ranks_the_passages(engine, doc, ingested, tmp_path):
     assert [(e.char_start, e.char_end) for e in ans.evidence] != [(e.char_start, e.char_end) for e in plain.evidence]
 
 
-def test_a_token_head_ranks_the_passages(engine, doc, ingested, tmp_path):
+def test_a_token_head_ranks_the_passages(engine, doc, ingested, tmp_path, monkeypatch):
     """A checkpoint with a late-interaction head: ingestion stores one key per token, open
-    hmt+retrieval answers rank passages by its MaxSim (by hand here), the recall score stays the
-    pooled head's and segment recall stays the segment head's."""
+    hmt+retrieval answers rank passages by its MaxSim (by hand here) and segment recall stays the
+    segment head's. The recall score is the best logit of the head the checkpoint's threshold was
+    fitted on: the pooled head's (older checkpoints), or the token head's."""
     from qa_pipeline.recall_recipe import token_model
 
     model = token_model(engine.model, 8)
@@ -460,6 +461,17 @@ def test_a_token_head_ranks_the_passages(engine, doc, ingested, tmp_path):
     assert [(e.char_start, e.char_end) for e in ans.evidence][0] == tuple(
         store.arrays("trial", ["passage_chars"])["passage_chars"].reshape(-1, 2)[int(np.argmax(by_hand))]
     )
+    assert headed.recall_signal == "tokens" and engine.recall_signal == "passage"
+    assert headed.recall_score(store, "trial", question, "tokens") == pytest.approx(float(by_hand.max()), rel=1e-5)
+    headed.decision_heads.open_recall_signal = "tokens"
+    by_tokens = headed.ask(store, "trial", question, mode="hmt+retrieval", max_new_tokens=2)
+    assert by_tokens.recall_score == pytest.approx(float(by_hand.max()), rel=1e-5)
+    assert by_tokens.answer == ans.answer and by_tokens.evidence == ans.evidence  # only the score changed
+    # Without the token head's logits there is no score on its scale: none, not the pooled one.
+    arrays = headed._passage_arrays(store, "trial", (store.get_document("trial").version,))
+    monkeypatch.delitem(arrays, "passage_token_key")
+    assert headed.recall_score(store, "trial", question, "tokens") is None
+    assert headed.recall_score(store, "trial", question, "passage") == pytest.approx(pooled.recall_score, rel=1e-5)
 
 
 def test_open_retrieval_without_passage_keys_uses_whole_segments(engine, doc, tmp_path, monkeypatch):
