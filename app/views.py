@@ -144,8 +144,9 @@ def support_markdown(answer: Answer) -> str | None:
     """The evidence sentence the answer rests on, quoted on one line; None when there is none."""
     if answer.support is None or not answer.support.text.strip():
         return None
-    quoted = md_text(snippet(answer.support.text, 300))
-    return f"**{support_label(answer)}:** “{quoted}” (green in the text below)"
+    sentence = md_text(snippet(answer.support.text, 300))
+    source = " (the short answer is quoted from it)" if answer.quoted and not answer.abstained else ""
+    return f"**{support_label(answer)}{source}:** “{sentence}” (green in the text below)"
 
 
 def sentence_markdown(answer: Answer) -> str | None:

@@ -34,6 +34,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="closed questions: rank options by score with the document minus score without it",
     )
     group.add_argument(
+        "--quote-answers", action=argparse.BooleanOptionalAction, default=defaults.quote_answers,
+        help="open questions: the short answer is quoted from the supporting sentence of the document "
+        "(--no-quote-answers: from the sentence the model wrote)",
+    )
+    group.add_argument(
         "--decision-heads", action=argparse.BooleanOptionalAction, default=defaults.decision_heads,
         help="closed questions in modes hmt/hmt+retrieval: decide with the checkpoint's decision head "
         "(--no-decision-heads: plain likelihood) and say 'not in the document' below its threshold",
@@ -51,6 +56,7 @@ def _engine(ns: argparse.Namespace):
                 full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
                 calibrate_options=ns.calibrate_options, no_repeat_ngram=ns.no_repeat_ngram,
                 decision_heads=ns.decision_heads, passage_tokens=ns.passage_tokens,
+                quote_answers=ns.quote_answers,
             )
         )
     except (ValueError, OSError, RuntimeError) as err:  # bad --dtype/--device, checkpoint of another width
@@ -139,7 +145,8 @@ def cmd_ask(ns: argparse.Namespace) -> int:
         sys.stdout.write("\n")
 
     def text() -> str:
-        lines = [f"Answer ({ans.mode}): {ans.answer}"]
+        source = ", quoted from the document" if ans.quoted and not ans.abstained else ""
+        lines = [f"Answer ({ans.mode}{source}): {ans.answer}"]
         if ans.fuller_sentence:
             lines.append(f'The model wrote: "{" ".join(ans.fuller_sentence.split())}"')
         if ans.confidence is not None:

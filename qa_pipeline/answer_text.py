@@ -65,6 +65,13 @@ def answer_phrase(sentence: str, question: str) -> str:
     return _trim(sentence)
 
 
+def quoted_answer(sentence: str, question: str) -> str:
+    """A short answer quoted from the document: ``answer_phrase`` of one of its sentences, on one line
+    (a PDF's line breaks, even inside a hyphenated word, are the layout's, not the text's)."""
+    text = re.sub(r"(?<=[a-z])-\n(?=[a-z])", "", sentence)
+    return answer_phrase(" ".join(text.split()), question)
+
+
 def _echo_end(words: list[tuple[int, str]], asked: set[str]) -> int | None:
     """Index of the first word after a leading restatement (at least one question word), or None."""
     i, matched, skipped = 0, 0, False

@@ -292,7 +292,9 @@ def _answer_row(engine: Engine, store: MemoryStore, row: QARow, mode: str) -> di
         start = time.perf_counter()  # latency is the answer's alone; ingestion is reported apart
         ans = engine.ask(store, doc_id, row.question, mode=mode, options=row.options, record=False)
         record["prediction"] = ans.answer
-        record["sentence"] = ans.sentence  # open questions: the sentence the short answer came from
+        record["sentence"] = ans.sentence  # open questions: the sentence the model wrote
+        record["quoted"] = ans.quoted  # ... and whether the short answer is quoted from the document
+        record["best_guess"] = ans.best_guess  # what an abstained answer would have said
         record["option_scores"] = ans.option_scores
         record["evidence_ranked"] = [[e.char_start, e.char_end] for e in ans.evidence]
         record["prompt_passages"] = ans.prompt_passages  # the first ones were the prompt's text

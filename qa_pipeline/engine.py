@@ -25,7 +25,7 @@ import torch
 
 from hmt import DEFAULT_BACKBONE, HMTConfig, HMTModel, load_backbone, resolve_dtype
 
-from .answer_text import answer_phrase, short_answer
+from .answer_text import answer_phrase, quoted_answer, short_answer
 from .decision import DecisionHeads
 from .documents import Document
 from .metrics import merge_spans
@@ -95,6 +95,12 @@ class EngineConfig:
     # Closed questions in the HMT modes: decide with the checkpoint's decision head for the option set
     # (qa_pipeline/decision.py) when it has one. False: plain likelihood (for comparisons).
     decision_heads: bool = True
+    # Open questions: the short answer is quoted from the document, the part of the supporting
+    # sentence (the evidence sentence sharing most words with what the model wrote) that does not
+    # restate the question, instead of the model's own words. A 135M model paraphrases and invents
+    # ("Gulf of Mexico" for an article on Pescador Island); the sentence it points to is right more
+    # often than its wording (README, "Question answering"). The model's sentence is still shown.
+    quote_answers: bool = True
 
 
 @dataclass
@@ -131,8 +137,12 @@ class Answer:
     abstain_reason: str | None = None  # which threshold turned the answer away, in words
     support: Support | None = None  # the evidence sentence that supports the answer
     # Open questions: the sentence the model wrote; ``answer`` is its short answer, the part that does
-    # not restate the question (``answer_text.answer_phrase``).
+    # not restate the question (``answer_text.answer_phrase``), of the supporting sentence when
+    # ``quoted``, else of this one.
     sentence: str | None = None
+    # Open questions: the short answer (or, abstained, the best guess) is quoted from the supporting
+    # sentence of the document (``EngineConfig.quote_answers``), not the model's own words.
+    quoted: bool = False
     # How many of ``evidence`` (best first) went into the prompt as text: 0 in mode hmt, the document
     # window in mode none.
     prompt_passages: int = 0
@@ -168,6 +178,8 @@ class Answer:
             return None
         if self.option_scores:
             return max(self.option_scores, key=self.option_scores.get)
+        if self.quoted and self.support is not None:
+            return quoted_answer(self.support.text, self.question)
         return answer_phrase(self.sentence, self.question) if self.sentence else None
 
     def to_json(self, with_query: bool = False) -> dict:
@@ -677,6 +689,9 @@ class Engine:
         abstained = why is not None
         sentence = None if options else response.answer
         phrase = response.answer if options else answer_phrase(response.answer, question)
+        support = supporting_sentence(text, evidence, response.answer, question)
+        quote = quoted_answer(support.text, question) if support and not options and self.config.quote_answers else ""
+        phrase = quote or phrase
         total_s = time.perf_counter() - start
         result = Answer(
             doc_id=info.doc_id,
@@ -691,8 +706,9 @@ class Engine:
             confidence=confidence,
             abstained=abstained,
             abstain_reason=why,
-            support=supporting_sentence(text, evidence, response.answer, question),
+            support=support,
             sentence=sentence,
+            quoted=bool(quote),
             prompt_passages=in_prompt,
             recall_score=recall_score,
             answer_logprob=response.answer_logprob,

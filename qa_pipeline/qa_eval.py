@@ -494,7 +494,11 @@ def _f1_no_threshold(f1: np.ndarray, status, rows, records, mode: str) -> np.nda
     out = f1.copy()
     for i, (st, row) in enumerate(zip(status, rows, strict=True)):
         rec = records.get((row.row_id, mode)) or {}
-        if st == "abstained" and rec.get("sentence"):
+        if st != "abstained":
+            continue
+        if rec.get("best_guess"):
+            out[i] = token_f1(rec["best_guess"], _golds(row))
+        elif rec.get("sentence"):  # records written before batch kept the best guess
             out[i] = token_f1(answer_phrase(rec["sentence"], row.question), _golds(row))
     return out
 

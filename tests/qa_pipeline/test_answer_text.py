@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qa_pipeline.answer_text import answer_phrase, short_answer
+from qa_pipeline.answer_text import answer_phrase, quoted_answer, short_answer
 
 
 def test_short_answer_is_the_first_sentence_of_the_first_paragraph():
@@ -59,3 +59,11 @@ def test_short_answer_is_the_first_sentence_of_the_first_paragraph():
 )
 def test_answer_phrase_drops_the_restated_question(question, sentence, phrase):
     assert answer_phrase(sentence, question) == phrase
+
+
+def test_quoted_answer_reads_a_sentence_of_the_document_on_one_line():
+    """A document's sentence as the short answer: its layout's line breaks go, a word split by a
+    hyphen at a line's end is whole again, and the restated question is dropped as from any answer."""
+    sentence = "The mortality rate was dispro-\nportionately high in persons\n65 years of age."
+    assert quoted_answer(sentence, "What was the mortality rate?") == "disproportionately high in persons 65 years of age"
+    assert quoted_answer("COVID-\n19 spread.", "What spread?") == "COVID- 19 spread"  # not a split word

@@ -85,6 +85,8 @@ def test_batch_cli_answers_every_row_in_every_mode_and_resumes(tmp_path, capsys,
         assert all(any(a <= s and e <= b for a, b in pieces) for s, e in used)
         assert all(a in {s for s, _ in used} and b in {e for _, e in used} for a, b in pieces)
         assert (rec["sentence"] is None) == bool(rec["options"])
+        assert rec["quoted"] is not bool(rec["options"])  # open answers quote the document by default
+        assert rec["best_guess"] is None  # nothing turned away
         assert 0 <= rec["confidence"] <= 1 and rec["abstained"] is False  # no checkpoint: no threshold
         # The supporting sentence lies inside one of the answer's evidence passages.
         s0, e0 = rec["support"]

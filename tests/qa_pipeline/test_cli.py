@@ -81,7 +81,7 @@ def test_ingest_ask_docs(store, capsys, tmp_path):
     for mode in ("hmt", "hmt+retrieval", "dense-rag", "none"):
         rc, out, err = run(capsys, "ask", "Which drug?", "--store", str(store), "--doc", "trial", "--mode", mode, *MODEL)
         assert rc == 0, err
-        assert out.startswith(f"Answer ({mode}):") and "Evidence:" in out and "Time: recall" in out
+        assert out.startswith(f"Answer ({mode}") and "Evidence:" in out and "Time: recall" in out
 
     more = tmp_path / "more.md"
     more.write_text("# Notes\n\nA short note about statins.\n", encoding="utf-8")
@@ -125,15 +125,18 @@ def test_ask_text_shows_the_sentence_a_short_answer_came_from(store, capsys, mon
 
     def phrased(self, *args, **kwargs):
         ans = real_ask(self, *args, **kwargs)
-        return dataclasses.replace(ans, answer="metformin", sentence="The drug  given was\nmetformin.")
+        return dataclasses.replace(ans, answer="metformin", sentence="The drug  given was\nmetformin.", **setting)
 
     monkeypatch.setattr(Engine, "ask", phrased)
-    rc, out, err = run(capsys, "ask", "Which drug was given?", "--store", str(store), "--doc", "trial", *MODEL)
-    assert rc == 0, err
-    assert out.splitlines()[:2] == [
-        "Answer (hmt+retrieval): metformin",
-        'The model wrote: "The drug given was metformin."',
-    ]
+    setting = {}
+    for quoted, source in ((False, ""), (True, ", quoted from the document")):
+        setting["quoted"] = quoted
+        rc, out, err = run(capsys, "ask", "Which drug was given?", "--store", str(store), "--doc", "trial", *MODEL)
+        assert rc == 0, err
+        assert out.splitlines()[:2] == [
+            f"Answer (hmt+retrieval{source}): metformin",
+            'The model wrote: "The drug given was metformin."',
+        ]
     # An open question's evidence in hmt+retrieval: the passages the recall head ranked, each named.
     evidence = out.split("Evidence:\n", 1)[1].splitlines()
     assert evidence[0].startswith("  [seg ") and " passage] chars " in evidence[0]
@@ -157,19 +160,24 @@ def test_ask_text_shows_an_abstained_open_answers_best_guess(store, capsys, monk
             sentence="The drug given was\nmetformin.",
             abstain_reason="recall score 0.8 is below 10.3: no passage matches the question well",
             support=Support("Metformin was\ngiven.", 40, 61, 0),
+            **setting,
         )
 
     monkeypatch.setattr(Engine, "ask", abstained)
-    rc, out, err = run(capsys, "ask", "Which drug was given?", "--store", str(store), "--doc", "trial", *MODEL)
-    assert rc == 0, err
-    assert out.splitlines()[:3] == [
-        f"Answer (hmt+retrieval): {NOT_IN_DOCUMENT}",
-        "Confidence: 0.30 (the document does not seem to say: recall score 0.8 is below 10.3: no passage matches "
-        "the question well; best guess: metformin)",
-        # The sentence backs the guess, not the answer given, and is called so.
-        'Sentence behind the best guess (chars 40-61): "Metformin was given."',
-    ]
-    assert "Supporting sentence" not in out
+    # The best guess is the model's own words, or (quoted) the supporting sentence's.
+    setting = {}
+    for quoted, guess in ((False, "metformin"), (True, "Metformin")):
+        setting["quoted"] = quoted
+        rc, out, err = run(capsys, "ask", "Which drug was given?", "--store", str(store), "--doc", "trial", *MODEL)
+        assert rc == 0, err
+        assert out.splitlines()[:3] == [
+            f"Answer (hmt+retrieval): {NOT_IN_DOCUMENT}",
+            "Confidence: 0.30 (the document does not seem to say: recall score 0.8 is below 10.3: no passage matches "
+            f"the question well; best guess: {guess})",
+            # The sentence backs the guess, not the answer given, and is called so.
+            'Sentence behind the best guess (chars 40-61): "Metformin was given."',
+        ]
+        assert "Supporting sentence" not in out
 
 
 def _blank_pdf(path: Path) -> None:

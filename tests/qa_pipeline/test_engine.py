@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from qa_pipeline.answer_text import answer_phrase, quoted_answer
 from qa_pipeline.documents import Document, load_text
 from qa_pipeline.engine import ANSWER_MODES, Answer, Engine, EngineConfig, Evidence, QAError
 from qa_pipeline.prompts import option_text, question_prompt
@@ -388,10 +389,32 @@ def test_open_question_streams_tokens(engine, doc, ingested, mode):
     )
     assert ans.options is None and ans.option_scores is None
     assert 1 <= len(streamed) <= 4
-    assert streamed[-1].strip() == ans.answer
+    assert streamed[-1].strip() == ans.sentence.strip()  # the model's words stream; the answer comes after
     assert all(streamed[i + 1].startswith(streamed[i]) for i in range(len(streamed) - 1))
     _check_evidence(engine, ingested[0], ans, doc.text)
     assert json.loads(json.dumps(ans.to_json()))["recall"] == [list(r) for r in ans.recall]
+
+
+@pytest.mark.parametrize("mode", ANSWER_MODES)
+def test_open_answers_are_quoted_from_the_supporting_sentence(engine, ingested, mode, monkeypatch):
+    """By default an open answer is the supporting sentence's part that does not restate the question
+    (its best guess too, when it abstains); with quote_answers off it is the model's sentence's."""
+    question = "Which drug was used?"
+    ans = engine.ask(ingested[0], "trial", question, mode=mode, max_new_tokens=4, record=False)
+    assert ans.support is not None and ans.quoted
+    assert ans.answer == quoted_answer(ans.support.text, question) != ""
+    assert ans.to_json()["quoted"] is True
+    monkeypatch.setattr(engine.config, "quote_answers", False)
+    own = engine.ask(ingested[0], "trial", question, mode=mode, max_new_tokens=4, record=False)
+    assert not own.quoted and own.answer == answer_phrase(own.sentence, question)
+    assert (own.sentence, own.support) == (ans.sentence, ans.support)  # only the short answer differs
+    monkeypatch.setattr(engine.config, "quote_answers", True)
+    closed = engine.ask(ingested[0], "trial", "Did it work?", mode=mode, options=OPTIONS, record=False)
+    assert not closed.quoted and closed.answer in OPTIONS
+    if mode in HMT_MODES:  # only the HMT modes abstain; the guess is the quote
+        monkeypatch.setattr(engine.decision_heads, "open_threshold", 2.0)
+        turned = engine.ask(ingested[0], "trial", question, mode=mode, max_new_tokens=4, record=False)
+        assert turned.abstained and turned.quoted and turned.best_guess == ans.answer
 
 
 def test_open_retrieval_answer_puts_the_recalled_passages_in_the_prompt(engine, doc, ingested, monkeypatch):
@@ -784,6 +807,7 @@ def test_an_open_answer_stops_at_its_first_sentence_and_answers_with_its_new_par
             yield torch.tensor([token])
 
     monkeypatch.setattr(type(engine.model), "iter_generate", scripted)
+    monkeypatch.setattr(engine.config, "quote_answers", False)  # the model's own words (quotes: elsewhere)
     streamed = []
     ans = engine.ask(ingested[0], "trial", "Where was it in 2019?", mode="hmt", on_token=streamed.append, record=False)
     assert ans.sentence == "It was in 2019 in Wuhan." and streamed[-1] == ans.sentence

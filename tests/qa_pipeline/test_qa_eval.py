@@ -386,6 +386,15 @@ def test_open_answers_without_the_threshold_and_paired_against_dense_rag():
             "sentence": "The sharks were studied at Pescador Island.",
         },
         ("b", "hmt+retrieval"): {"prediction": "10 mg"},
+        # A record that kept its best guess (quoted from the document) is scored by it, not by its sentence.
+        ("a", "hmt"): {
+            "prediction": "The document does not seem to say.",
+            "abstained": True,
+            "sentence": "The sharks were studied at Pescador Island.",
+            "quoted": True,
+            "best_guess": "in the Gulf",
+        },
+        ("b", "hmt"): {"prediction": "10 mg"},
         ("a", "dense-rag"): {"prediction": "the Gulf of Mexico"},
         ("b", "dense-rag"): {"prediction": "10 mg daily"},
     }
@@ -394,6 +403,8 @@ def test_open_answers_without_the_threshold_and_paired_against_dense_rag():
     assert hmt["metrics"]["token_f1"]["value"] == pytest.approx(0.5)  # the abstention counts as wrong
     assert hmt["metrics"]["token_f1_no_threshold"]["value"] == pytest.approx(1.0)
     assert "token_f1_no_threshold" not in dense["metrics"]  # nothing turned away
+    with_guess = evaluate_set(rows, recs, ["hmt", "dense-rag"], resamples=10)["modes"]["hmt"]
+    assert with_guess["metrics"]["token_f1_no_threshold"]["value"] == pytest.approx(0.5)  # "in the Gulf": 0
     # Row by row: (1 - 0) and (1 - 0.8), against the baseline itself nothing.
     assert hmt["vs_dense_rag"]["value"] == pytest.approx(0.6)
     lo, hi = hmt["vs_dense_rag"]["ci"]
