@@ -397,6 +397,7 @@ def run(
     heads, report = fit_heads(features, options, negative_features)
     kept = DecisionHeads.load(checkpoint)
     heads.open_threshold, heads.open_recall_threshold = kept.open_threshold, kept.open_recall_threshold
+    heads.open_recall_signal = kept.open_recall_signal  # the head that threshold was fitted on
     return _fit_open(
         engine, root, checkpoint, work, store, heads, report, open_questions, open_mode, open_half,
         progress, open_max_abstain,
