@@ -827,17 +827,21 @@ class Engine:
         arrays = self._passage_arrays(store, doc_id, version)
         if arrays is None:
             return None
-        head = self.model.passage_head
-        query = self._query(recall_ids, head)
-        with torch.no_grad():
-            scale = float(head.scale())
         real = arrays["passage_tokens"].reshape(-1) > 0
-        keys = arrays["passage_key"].reshape(-1, arrays["passage_key"].shape[-1])[real]
-        pooled = (keys @ query) * scale
-        logits, token_logits = pooled, None
+        token_logits = None
         if self.model.token_recall is not None and "passage_token_key" in arrays:
-            logits = token_logits = self._token_logits(arrays, recall_ids)[real]
+            token_logits = self._token_logits(arrays, recall_ids)[real]
         signal = signal or self.decision_heads.open_recall_signal
+        pooled = None
+        # The pooled head's logits cost a summary pass of their own: only when they rank or score.
+        if token_logits is None or signal == "passage":
+            head = self.model.passage_head
+            query = self._query(recall_ids, head)
+            with torch.no_grad():
+                scale = float(head.scale())
+            keys = arrays["passage_key"].reshape(-1, arrays["passage_key"].shape[-1])[real]
+            pooled = (keys @ query) * scale
+        logits = pooled if token_logits is None else token_logits
         if signal == "tokens":
             score = None if token_logits is None else float(token_logits.max())
         else:
