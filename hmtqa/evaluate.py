@@ -55,7 +55,7 @@ def cmd_qa(ns: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from qa_pipeline.engine import ANSWER_MODES
-    from qa_pipeline.qa_eval import SETS, format_markdown, load_eval_set, run_qa_eval
+    from qa_pipeline.qa_eval import SETS, format_markdown, load_eval_set, run_qa_eval, training_prior
     from qa_pipeline.train_data import data_dir
 
     from .qa import _engine, _store_errors
@@ -84,6 +84,7 @@ def cmd_qa(ns: argparse.Namespace) -> int:
     try:
         root = data_dir(ns.data_dir)
         rows = {s: load_eval_set(s, root, limit=ns.limit, fuse=ns.fuse, seed=ns.seed) for s in sets}
+        priors = {s: training_prior(s, root) for s in sets}
         try:
             result = run_qa_eval(
                 rows,
@@ -93,6 +94,7 @@ def cmd_qa(ns: argparse.Namespace) -> int:
                 store_dir=ns.store or out / "store",
                 resamples=ns.bootstrap,
                 progress=None if ns.json else progress,
+                priors=priors,
                 meta={
                     "fuse": ns.fuse,
                     "seed": ns.seed,

@@ -53,6 +53,8 @@ __all__ = [
     "bootstrap_ci",
     "macro_f1_matrix",
     "majority_line",
+    "prior_weights",
+    "training_prior",
     "chance_line",
     "expected_chance_macro_f1",
     "latest_records",
@@ -115,6 +117,36 @@ def load_eval_set(
         rows = [r for r in evidence_inference(path) if is_eval_article(r.document_id())]
         return rows[:limit]
     raise ValueError(f"unknown set {name!r}; choose from {', '.join(SETS)}")
+
+
+def training_prior(name: str, root: str | Path) -> dict[str, Any] | None:
+    """The class balance of set ``name``'s training questions (those the decision heads were fitted
+    on; never evaluated), or None for an open set.
+
+    Dev rows are few and their balance can differ from the training questions': PubMedQA questions
+    401-500 are 45% "no" where questions 1-400 (and PubMedQA as a whole) are 58% (55%) "yes". Accuracy
+    reweighted to the training balance (:func:`evaluate_set`, ``prior``) says what to expect on data
+    labelled like the training questions, beside the dev rows' own figure.
+
+    Returns:
+        ``{"source", "n", "shares"}``, shares by normalised label.
+    """
+    from .datasets import evidence_inference
+    from .recall_eval import is_train_article
+    from .train_data import pubmedqa_split
+
+    root = Path(root)
+    if name == "pubmedqa":
+        rows = pubmedqa_split(root, num_docs=1)[0]
+        source = f"PubMedQA questions 1-{len(rows)}"
+    elif name == "evidence-inference":
+        path = root / EVIDENCE_INFERENCE_DIR
+        rows = [r for r in evidence_inference(path) if is_train_article(r.document_id())]
+        source = "Evidence Inference questions of the training-half articles"
+    else:
+        return None
+    counts = Counter(normalize_label(r.answer) for r in rows)
+    return {"source": source, "n": len(rows), "shares": {lab: c / len(rows) for lab, c in counts.items()}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,24 +220,26 @@ def _encode(
     return p, g, k
 
 
-def macro_f1_matrix(p: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
+def macro_f1_matrix(p: np.ndarray, g: np.ndarray, k: int, w: np.ndarray | None = None) -> np.ndarray:
     """Macro-F1 of each row of encoded predictions ``p`` and golds ``g`` (same shape, ``(B, n)``).
 
     Labels are ``0..k-1``; ``k`` stands for any non-label. A label neither predicted nor gold in a row
-    is left out of that row's mean, exactly as :func:`qa_pipeline.metrics.macro_f1` does.
+    is left out of that row's mean, exactly as :func:`qa_pipeline.metrics.macro_f1` does. ``w`` (same
+    shape, optional) weighs each question in the counts of true and false positives and negatives.
     """
     p = np.atleast_2d(p)
     g = np.atleast_2d(g)
+    w = np.ones(p.shape) if w is None else np.broadcast_to(np.atleast_2d(w), p.shape)
     total = np.zeros(p.shape[0])
     present = np.zeros(p.shape[0])
     for label in range(k):
         pk, gk = p == label, g == label
-        tp = (pk & gk).sum(axis=1)
-        fp = (pk & ~gk).sum(axis=1)
-        fn = (~pk & gk).sum(axis=1)
+        tp = ((pk & gk) * w).sum(axis=1)
+        fp = ((pk & ~gk) * w).sum(axis=1)
+        fn = ((~pk & gk) * w).sum(axis=1)
         denom = 2 * tp + fp + fn
         has = denom > 0
-        total += np.where(has, 2 * tp / np.maximum(denom, 1), 0.0)
+        total += np.where(has, 2 * tp / np.where(has, denom, 1), 0.0)
         present += has
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(present > 0, total / np.maximum(present, 1), np.nan)
@@ -233,6 +267,22 @@ def majority_line(golds: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]
         "accuracy": counts[label] / len(golds),
         "macro_f1": macro_f1(preds, golds, labels=labels),
     }
+
+
+def prior_weights(golds: Sequence[Any], shares: Mapping[str, float]) -> np.ndarray | None:
+    """Per-row weights that give the rows the class balance ``shares``: a row of gold label c weighs
+    share(c) / (the rows' share of c). None when some label with a share has no row (no weighting
+    can stand in for it)."""
+    counts = Counter(normalize_label(x) for x in golds)
+    if not golds or any(share > 0 and not counts.get(lab) for lab, share in shares.items()):
+        return None
+    n = len(golds)
+    return np.array([shares.get(lab, 0.0) * n / counts[lab] for lab in map(normalize_label, golds)])
+
+
+def _weighted_mean(values: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted mean of each row of ``values`` (``(B, n)``) with the matching rows of ``w``."""
+    return (values * w).sum(axis=-1) / (w.sum(axis=-1))
 
 
 def _binom_pmf(n: int, p: float) -> np.ndarray:
@@ -362,6 +412,7 @@ def evaluate_set(
     *,
     resamples: int = 1000,
     seed: int = 0,
+    prior: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per-mode metrics with bootstrap CIs, plus the majority and chance lines, for one set.
 
@@ -369,6 +420,10 @@ def evaluate_set(
     predicted-option counts) and open otherwise (token F1, exact match against the answer and
     ``metadata["answers"]``, share of answers repeating an 8-token phrase). ``records`` maps
     ``(row_id, mode)`` to a run_batch record; see the module doc for errors and abstentions.
+
+    ``prior`` (closed sets; :func:`training_prior`) adds ``at_prior``: accuracy and macro-F1 with the
+    rows reweighted to that class balance (:func:`prior_weights`), per mode and for the majority
+    class at that balance, with intervals from the same resampled rows.
     """
     closed = any(row.options for row in rows)
     n = len(rows)
@@ -386,6 +441,17 @@ def evaluate_set(
         result["gold_counts"] = _counts(golds, labels)
         result["majority"] = majority_line(golds, labels)
         result["chance"] = chance_line(golds, [row.options or labels for row in rows], seed=seed)
+        weights = prior_weights(golds, prior["shares"]) if prior else None
+        if prior:
+            result["prior"] = dict(prior) | {"applied": weights is not None}
+        if weights is not None:
+            label = max(prior["shares"], key=lambda lab: prior["shares"][lab])
+            p, g, k = _encode([label] * n, golds, labels)
+            result["prior"]["majority"] = {
+                "label": label,
+                "accuracy": float(_weighted_mean((p == g).astype(float), weights)),
+                "macro_f1": float(macro_f1_matrix(p, g, k, weights)[0]),
+            }
     else:
         result["majority"] = None
         result["chance"] = None
@@ -422,6 +488,8 @@ def evaluate_set(
                     ),
                 ),
             }
+            if weights is not None:
+                m["at_prior"] = _at_prior(correct, p, g, k, weights, resamples, seed)
             predicted = {lab: 0 for lab in labels} | {ABSTAINED: 0, ERROR: 0, OTHER: 0}
             for pred, st in zip(preds, status, strict=True):
                 key = ERROR if st == "error" else ABSTAINED if st == "abstained" else normalize_label(pred)
@@ -489,6 +557,30 @@ def evaluate_set(
     return result
 
 
+def _at_prior(correct, p, g, k, w, resamples: int, seed: int) -> dict[str, Any]:
+    """Accuracy and macro-F1 with rows weighted by ``w``, each with its bootstrap interval."""
+    return {
+        "accuracy": _metric(
+            float(_weighted_mean(correct.astype(float), w)),
+            bootstrap_ci(
+                n=len(w),
+                statistic=lambda idx: _weighted_mean(correct[idx].astype(float), w[idx]),
+                resamples=resamples,
+                seed=seed,
+            ),
+        ),
+        "macro_f1": _metric(
+            float(macro_f1_matrix(p, g, k, w)[0]),
+            bootstrap_ci(
+                n=len(w),
+                statistic=lambda idx: macro_f1_matrix(p[idx], g[idx], k, w[idx]),
+                resamples=resamples,
+                seed=seed,
+            ),
+        ),
+    }
+
+
 def _f1_no_threshold(f1: np.ndarray, status, rows, records, mode: str) -> np.ndarray:
     """Token F1 per row with each abstained answer replaced by its best guess."""
     out = f1.copy()
@@ -535,12 +627,14 @@ def run_qa_eval(
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
     meta: Mapping[str, Any] | None = None,
+    priors: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """Answer every set's rows in every mode (resuming ``<out_dir>/<set>.jsonl``) and evaluate them.
 
     With ``engine_factory``, the model is loaded (``engine_factory()``) and the answers already in
     ``<out_dir>`` must carry its stamp (``ForeignAnswers`` otherwise), even when none is missing; without
-    it, only finished files are summed up, as they are. ``meta`` (run settings) is added to the result.
+    it, only finished files are summed up, as they are. ``meta`` (run settings) is added to the result;
+    ``priors`` gives a closed set the class balance of its training questions (:func:`training_prior`).
     Writes ``<out_dir>/summary.json`` and ``<out_dir>/summary.md`` and returns the summary.
     """
     from .batch import batch_metrics, check_stamps, pending, run_batch
@@ -573,7 +667,9 @@ def run_qa_eval(
                     None if progress is None else (lambda done, total, name=name: progress(name, done, total))
                 )
                 run_batch(engine, list(rows), path, store, modes=modes, progress=cb)
-            res = evaluate_set(rows, latest_records(path), modes, resamples=resamples, seed=seed)
+            res = evaluate_set(
+                rows, latest_records(path), modes, resamples=resamples, seed=seed, prior=(priors or {}).get(name)
+            )
             extra = batch_metrics(path, rows, modes) if path.is_file() else {}
             for mode, m in res["modes"].items():
                 b = extra.get(mode, {})
@@ -680,6 +776,7 @@ def format_markdown(result: Mapping[str, Any]) -> str:
                 f"| {name} | majority / chance | {n} | n/a | n/a | n/a | n/a | – | – | – | open answers |"
             )
     b = result.get("bootstrap", {})
+    at_prior = _prior_table(result)
     note = (
         f"95% percentile bootstrap over rows ({b.get('resamples')} resamples, seed {b.get('seed')}); "
         "errors and abstentions count as wrong (F1 0); evidence hit@k: a gold segment among the top k of "
@@ -687,4 +784,30 @@ def format_markdown(result: Mapping[str, Any]) -> str:
         + (", ".join(methods) or "n/a")
         + "."
     )
-    return "\n".join(lines) + "\n\n" + note
+    return "\n".join(lines) + "\n\n" + note + (f"\n\n{at_prior}" if at_prior else "")
+
+
+def _prior_table(result: Mapping[str, Any]) -> str:
+    """The closed sets again, their rows reweighted to the class balance of the training questions."""
+    lines = []
+    for name, s in result["sets"].items():
+        prior = s.get("prior")
+        if not prior or not prior.get("applied"):
+            continue
+        shares = ", ".join(f"{lab} {100 * v:.0f}%" for lab, v in prior["shares"].items())
+        for mode, m in s["modes"].items():
+            a = m["at_prior"]
+            lines.append(f"| {name} | `{mode}` | {_cell(a['accuracy'])} | {_cell(a['macro_f1'])} | |")
+        maj = prior["majority"]
+        lines.append(
+            f"| {name} | majority ({maj['label']}) | {_num(maj['accuracy'])} | {_num(maj['macro_f1'])} |"
+            f" {prior['source']} (n = {prior['n']}): {shares} |"
+        )
+    if not lines:
+        return ""
+    head = (
+        "At the class balance of the training questions (each dev row weighted by its gold label's share "
+        "there over its share here):\n\n| set | mode | accuracy [95% CI] | macro-F1 [95% CI] | training balance |\n"
+        "|---|---|---:|---:|---|"
+    )
+    return head + "\n" + "\n".join(lines)

@@ -25,7 +25,9 @@ from qa_pipeline.qa_eval import (
     load_eval_set,
     macro_f1_matrix,
     majority_line,
+    prior_weights,
     repeats_ngram,
+    training_prior,
 )
 from qa_pipeline.train_data import PUBMEDQA, PUBMEDQA_TRAIN
 
@@ -173,6 +175,43 @@ def test_evaluate_closed_set_counts_errors_abstentions_and_missing_records_as_wr
     assert res["gold_counts"] == {"yes": 2, "no": 3, "maybe": 1}
 
 
+def test_prior_weights_give_the_rows_another_class_balance():
+    golds = ["yes", "no", "maybe", "yes"]
+    w = prior_weights(golds, {"yes": 0.25, "no": 0.5, "maybe": 0.25})
+    assert w.tolist() == [0.5, 2.0, 1.0, 0.5]  # each label's weight sums to its share of the 4 rows
+    assert prior_weights(golds, {"yes": 0.5, "no": 0.5}).tolist() == [1.0, 2.0, 0.0, 1.0]
+    assert prior_weights(["yes", "no"], {"yes": 0.5, "no": 0.3, "maybe": 0.2}) is None  # no "maybe" row
+    assert prior_weights([], {"yes": 1.0}) is None
+
+
+def test_accuracy_at_the_training_balance_equals_the_rows_repeated_to_that_balance():
+    # Weights 0.5 / 2 / 1 for yes / no / maybe are the rows repeated 1 / 4 / 2 times (halved).
+    golds = ["yes", "no", "maybe", "yes"]
+    preds = ["yes", "no", "yes", "no"]
+    recs = {(f"r{i}", "hmt"): {"prediction": p} for i, p in enumerate(preds)}
+    prior = {"source": "test", "n": 8, "shares": {"yes": 0.25, "no": 0.5, "maybe": 0.25}}
+    res = evaluate_set(_closed_rows(golds), recs, ["hmt"], resamples=200, prior=prior)
+    repeated = [(g, p) for g, p, k in zip(golds, preds, [1, 4, 2, 1], strict=True) for _ in range(k)]
+    g_rep, p_rep = zip(*repeated, strict=True)
+    at = res["modes"]["hmt"]["at_prior"]
+    assert at["accuracy"]["value"] == pytest.approx(sum(a == b for a, b in repeated) / len(repeated))  # 5 / 8
+    assert at["macro_f1"]["value"] == pytest.approx(macro_f1(list(p_rep), list(g_rep), labels=OPTIONS))
+    lo, hi = at["accuracy"]["ci"]
+    assert lo <= 5 / 8 <= hi
+    # The dev rows' own figures are unchanged, and the majority at that balance is "no", right half the time.
+    assert res["modes"]["hmt"]["metrics"]["accuracy"]["value"] == pytest.approx(2 / 4)
+    assert res["prior"]["applied"] and res["prior"]["majority"]["label"] == "no"
+    assert res["prior"]["majority"]["accuracy"] == pytest.approx(0.5)
+    assert res["prior"]["majority"]["macro_f1"] == pytest.approx(macro_f1(["no"] * 8, list(g_rep), labels=OPTIONS))
+    table = format_markdown({"sets": {"pubmedqa": res}, "bootstrap": res["bootstrap"]})
+    assert "At the class balance of the training questions" in table
+    assert "| pubmedqa | `hmt` | 0.625 [" in table and "test (n = 8): yes 25%, no 50%, maybe 25% |" in table
+    # A balance the rows cannot stand for (no row of one label) is reported as not applied.
+    res = evaluate_set(_closed_rows(["yes", "no"]), {}, ["hmt"], resamples=10, prior=prior)
+    assert res["prior"]["applied"] is False and "at_prior" not in res["modes"]["hmt"]
+    assert "At the class balance" not in format_markdown({"sets": {"pubmedqa": res}, "bootstrap": {}})
+
+
 def test_evaluate_open_set():
     rows = [
         QARow(
@@ -267,8 +306,12 @@ def test_eval_qa_end_to_end_on_tiny_model(data_dir, tmp_path, capsys):
     assert (
         "| pubmedqa | chance (uniform) | 3 (3) | 0.333 |" in table and "simulation" in table
     )  # no gold maybe
-    lines = [line for line in table.splitlines() if "`" in line]
+    main_table, _, at_prior = table.partition("At the class balance of the training questions")
+    lines = [line for line in main_table.splitlines() if "`" in line]
     assert len(lines) == len(ANSWER_MODES) and all(" [" in line for line in lines)
+    # The fixture's training questions (those before the held-out ones) give the second table.
+    assert sum("`" in line for line in at_prior.splitlines()) == len(ANSWER_MODES)
+    assert "PubMedQA questions 1-" in at_prior
     assert (out / "pubmedqa.jsonl").is_file() and (out / "store").is_dir()
     assert (out / "summary.md").read_text().startswith("| set | mode |")
     summary = json.loads((out / "summary.json").read_text())
@@ -323,6 +366,10 @@ def test_dev_sets_on_the_shared_data():
     assert len(spread) == 30 and len({r.doc_id for r in spread}) == 23
     ei = load_eval_set("evidence-inference", SHARED, limit=100)
     assert len(ei) == 76 and all(len(r.options) == 3 for r in ei)
+    # The training questions' balance, never the dev rows': PubMedQA 1-400 are 233 yes, 124 no, 43 maybe.
+    assert training_prior("pubmedqa", SHARED)["shares"] == {"yes": 233 / 400, "no": 124 / 400, "maybe": 43 / 400}
+    assert training_prior("evidence-inference", SHARED)["n"] == 56
+    assert training_prior("covid-qa", SHARED) is None
 
 
 def test_support_in_gold_evidence_counts_rows_whose_sentence_overlaps_it():
