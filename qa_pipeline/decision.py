@@ -32,6 +32,14 @@ WEIGHTS_FILE = "decision_heads.safetensors"
 RECALL_SIGNALS = ("passage", "tokens")
 
 
+def below(name: str, value: float, threshold: float, digits: int = 2) -> str:
+    """"<name> <value> is below <threshold>", with as many decimals (from ``digits``, at most 6) as it
+    takes for the two numbers to read differently (not "0.34 is below 0.34")."""
+    while digits < 6 and f"{value:.{digits}f}" == f"{threshold:.{digits}f}":
+        digits += 1
+    return f"{name} {value:.{digits}f} is below {threshold:.{digits}f}"
+
+
 def option_key(options: list[str]) -> tuple[str, ...]:
     """An option set's identity: its normalised labels, in any order."""
     return tuple(sorted(" ".join(o.lower().split()) for o in options))
@@ -87,12 +95,12 @@ class DecisionHeads:
         """Why an open answer of the HMT modes says the document does not seem to say; None when it
         answers."""
         if self.open_threshold and confidence is not None and confidence < self.open_threshold:
-            return f"confidence {confidence:.2f} is below {self.open_threshold:.2f}"
+            return below("confidence", confidence, self.open_threshold)
         if self.open_recall_threshold is not None and recall_score is not None:
             if recall_score < self.open_recall_threshold:
                 return (
-                    f"recall score {recall_score:.1f} is below {self.open_recall_threshold:.1f}: "
-                    "no passage matches the question well"
+                    below("recall score", recall_score, self.open_recall_threshold, digits=1)
+                    + ": no passage matches the question well"
                 )
         return None
 

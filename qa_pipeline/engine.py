@@ -26,7 +26,7 @@ import torch
 from hmt import DEFAULT_BACKBONE, HMTConfig, HMTModel, load_backbone, resolve_dtype
 
 from .answer_text import answer_phrase, quoted_answer, short_answer
-from .decision import DecisionHeads
+from .decision import DecisionHeads, below
 from .documents import Document
 from .metrics import merge_spans
 from .prompts import option_text, prompt_frame, question_text
@@ -683,7 +683,7 @@ class Engine:
         why = None
         if model is self.model:
             if options and response.threshold and confidence is not None and confidence < response.threshold:
-                why = f"confidence {confidence:.2f} is below {response.threshold:.2f}"
+                why = below("confidence", confidence, response.threshold)
             elif not options:
                 why = self.decision_heads.open_abstains(confidence, recall_score)
         abstained = why is not None

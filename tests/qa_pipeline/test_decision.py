@@ -288,6 +288,16 @@ def test_open_answers_abstain_below_the_recall_score_threshold_in_hmt_modes_only
     assert closed.recall_score is None and closed.answer_logprob is None and not closed.abstained
 
 
+def test_the_reason_never_reads_a_number_below_itself():
+    heads = DecisionHeads(open_threshold=0.33897, open_recall_threshold=14.9015)
+    assert heads.open_abstains(0.12, None) == "confidence 0.12 is below 0.34"
+    # Rounded to 2 decimals both would read 0.34 (and 0.339 at 3): as many as it takes.
+    assert heads.open_abstains(0.33882, None) == "confidence 0.3388 is below 0.3390"
+    assert heads.open_abstains(0.9, 14.88).startswith("recall score 14.88 is below 14.90: no passage")
+    assert heads.open_abstains(0.9, 3.2).startswith("recall score 3.2 is below 14.9: ")
+    assert heads.open_abstains(0.9, 15.0) is None
+
+
 def test_a_score_threshold_that_does_not_separate_means_never_not_zero():
     """Recall scores are logits of any sign: a threshold that does not pay for itself is -inf (None
     in the report), since 0 would turn away every answer scored below 0."""
