@@ -218,7 +218,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "report per set and mode: accuracy and macro-F1 (closed sets) or token F1 and exact match "
         "(COVID-QA), each with a 95% percentile bootstrap interval over rows, errors and abstentions "
         "(counted as wrong), how often each option was predicted (closed) or the share of answers "
-        "repeating an 8-token phrase (open), and the majority-class and uniform-chance lines. "
+        "repeating an 8-token phrase (open), and the majority-class and uniform-chance lines; closed "
+        "sets also at the class balance of their training questions (rows reweighted by gold label). "
         "pubmedqa: fused PubMedQA questions 401-500; covid-qa and evidence-inference: eval half of "
         "the articles (stable hash of the article id). Writes OUT/<set>.jsonl, OUT/summary.json and "
         "OUT/summary.md.",

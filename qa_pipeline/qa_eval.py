@@ -24,7 +24,11 @@ here is pure statistics on the rows and their records:
   earlier option); chance: a uniformly random option per row, accuracy the mean of ``1 / n_options``
   and the *exact* expected macro-F1 when every row has the same options and each option is some row's
   gold label (then macro-F1 is a mean of per-label F1s whose true and false positives are independent
-  binomials), else a seeded simulation (the result says which).
+  binomials), else a seeded simulation (the result says which);
+* closed sets again at the class balance of their training questions (:func:`training_prior`): each
+  row weighted by its gold label's share there over its share here, the majority line at that
+  balance beside them. 100 dev rows can be balanced quite unlike the data (PubMedQA 401-500: 45% "no";
+  1-400: 58% "yes"), and a head that looks above the majority on one balance may not be on the other.
 
 Over 500 lines: one command's parts (three data sets, per-set scoring, the bootstrap, majority and
 chance lines, the Markdown table), each short and used nowhere else.
