@@ -793,9 +793,12 @@ def format_markdown(result: Mapping[str, Any]) -> str:
 
 def _prior_table(result: Mapping[str, Any]) -> str:
     """The closed sets again, their rows reweighted to the class balance of the training questions."""
-    lines = []
+    lines, skipped = [], []
     for name, s in result["sets"].items():
         prior = s.get("prior")
+        if prior and not prior.get("applied"):
+            missing = [lab for lab, share in prior["shares"].items() if share > 0 and not s["gold_counts"].get(lab)]
+            skipped.append(f"{name} (no row answered {', '.join(missing)})")
         if not prior or not prior.get("applied"):
             continue
         shares = ", ".join(f"{lab} {100 * v:.0f}%" for lab, v in prior["shares"].items())
@@ -807,11 +810,16 @@ def _prior_table(result: Mapping[str, Any]) -> str:
             f"| {name} | majority ({maj['label']}) | {_num(maj['accuracy'])} | {_num(maj['macro_f1'])} |"
             f" {prior['source']} (n = {prior['n']}): {shares} |"
         )
+    note = (
+        "Not at the class balance of the training questions: " + "; ".join(skipped) + "."
+        if skipped
+        else ""
+    )
     if not lines:
-        return ""
+        return note
     head = (
         "At the class balance of the training questions (each dev row weighted by its gold label's share "
         "there over its share here):\n\n| set | mode | accuracy [95% CI] | macro-F1 [95% CI] | training balance |\n"
         "|---|---|---:|---:|---|"
     )
-    return head + "\n" + "\n".join(lines)
+    return head + "\n" + "\n".join(lines) + (f"\n\n{note}" if note else "")
