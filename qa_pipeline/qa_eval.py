@@ -284,11 +284,6 @@ def prior_weights(golds: Sequence[Any], shares: Mapping[str, float]) -> np.ndarr
     return np.array([shares.get(lab, 0.0) * n / counts[lab] for lab in map(normalize_label, golds)])
 
 
-def _weighted_mean(values: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted mean of each row of ``values`` (``(B, n)``) with the matching rows of ``w``."""
-    return (values * w).sum(axis=-1) / (w.sum(axis=-1))
-
-
 def _binom_pmf(n: int, p: float) -> np.ndarray:
     if p >= 1:
         out = np.zeros(n + 1)
@@ -450,11 +445,11 @@ def evaluate_set(
             result["prior"] = dict(prior) | {"applied": weights is not None}
         if weights is not None:
             label = max(prior["shares"], key=lambda lab: prior["shares"][lab])
-            p, g, k = _encode([label] * n, golds, labels)
+            always, g, k = _encode([label] * n, golds, labels)
             result["prior"]["majority"] = {
                 "label": label,
-                "accuracy": float(_weighted_mean((p == g).astype(float), weights)),
-                "macro_f1": float(macro_f1_matrix(p, g, k, weights)[0]),
+                "accuracy": float(np.average(always == g, weights=weights)),
+                "macro_f1": float(macro_f1_matrix(always, g, k, weights)[0]),
             }
     else:
         result["majority"] = None
@@ -565,10 +560,10 @@ def _at_prior(correct, p, g, k, w, resamples: int, seed: int) -> dict[str, Any]:
     """Accuracy and macro-F1 with rows weighted by ``w``, each with its bootstrap interval."""
     return {
         "accuracy": _metric(
-            float(_weighted_mean(correct.astype(float), w)),
+            float(np.average(correct, weights=w)),
             bootstrap_ci(
                 n=len(w),
-                statistic=lambda idx: _weighted_mean(correct[idx].astype(float), w[idx]),
+                statistic=lambda idx: np.average(correct[idx], weights=w[idx], axis=-1),
                 resamples=resamples,
                 seed=seed,
             ),
