@@ -143,6 +143,7 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
             progress=progress,
             negatives=ns.negatives,
             open_questions=ns.open_questions,
+            open_mode=ns.open_mode,
             open_half=ns.open_half,
             closed=ns.closed,
             open_max_abstain=ns.open_max_abstain,
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a checkpoint's decision heads for closed questions (PubMedQA yes/no/maybe, Evidence "
         "Inference) on cached answering-pass features of training questions",
     )
-    from qa_pipeline.decision_recipe import OPEN_HALVES, OPEN_MAX_ABSTAIN
+    from qa_pipeline.decision_recipe import FEATURE_MODES, OPEN_HALVES, OPEN_MAX_ABSTAIN
 
     from .qa import _engine_args
 
@@ -256,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=30,
         help="COVID-QA questions for the open-answer threshold (0: keep the checkpoint's)",
+    )
+    p.add_argument(
+        "--open-mode",
+        choices=FEATURE_MODES,
+        default="hmt+retrieval",
+        help="answering mode of those questions: the confidence threshold is that mode's own (other "
+        "modes keep theirs; a mode with none uses the checkpoint's shared one)",
     )
     p.add_argument(
         "--open-half",

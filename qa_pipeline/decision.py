@@ -76,12 +76,17 @@ class DecisionHeads:
         open_threshold: float = 0.0,
         open_recall_threshold: float | None = None,
         open_recall_signal: str = "passage",
+        open_thresholds: dict[str, float] | None = None,
     ) -> None:
         if open_recall_signal not in RECALL_SIGNALS:
             raise ValueError(f"unknown recall signal {open_recall_signal!r}; one of {', '.join(RECALL_SIGNALS)}")
         self.heads = {option_key(h.options): h for h in heads or []}
-        # Open answers with a confidence below this say the document does not seem to say (0: never).
+        # Open answers with a confidence below this say the document does not seem to say (0: never),
+        # in the HMT modes that have no threshold of their own in ``open_thresholds``.
         self.open_threshold = open_threshold
+        # Mode -> confidence threshold fitted on that mode's own answers: an answer's confidence reads
+        # differently with recalled passages in the prompt (hmt+retrieval) than without (hmt).
+        self.open_thresholds = dict(open_thresholds or {})
         # ... and so do those whose recall score (a passage head's best logit for the question, see
         # ``Answer.recall_score``) is below this; a logit, so None (not 0) means never.
         self.open_recall_threshold = open_recall_threshold
@@ -89,13 +94,25 @@ class DecisionHeads:
         self.open_recall_signal = open_recall_signal
 
     def __bool__(self) -> bool:
-        return bool(self.heads) or self.open_threshold > 0 or self.open_recall_threshold is not None
+        return (
+            bool(self.heads)
+            or self.open_threshold > 0
+            or any(t > 0 for t in self.open_thresholds.values())
+            or self.open_recall_threshold is not None
+        )
 
-    def open_abstains(self, confidence: float | None, recall_score: float | None) -> str | None:
-        """Why an open answer of the HMT modes says the document does not seem to say; None when it
-        answers."""
-        if self.open_threshold and confidence is not None and confidence < self.open_threshold:
-            return below("confidence", confidence, self.open_threshold)
+    def open_threshold_for(self, mode: str | None) -> float:
+        """The confidence threshold of open answers in ``mode``: its own, else the shared one."""
+        return self.open_thresholds.get(mode, self.open_threshold) if mode else self.open_threshold
+
+    def open_abstains(
+        self, confidence: float | None, recall_score: float | None, mode: str | None = None
+    ) -> str | None:
+        """Why an open answer of the HMT modes (``mode``, for its own confidence threshold) says the
+        document does not seem to say; None when it answers."""
+        threshold = self.open_threshold_for(mode)
+        if threshold and confidence is not None and confidence < threshold:
+            return below("confidence", confidence, threshold)
         if self.open_recall_threshold is not None and recall_score is not None:
             if recall_score < self.open_recall_threshold:
                 return (
@@ -133,6 +150,8 @@ class DecisionHeads:
             h.update(repr(self.open_recall_threshold).encode())
         if self.open_recall_signal != "passage":  # likewise
             h.update(self.open_recall_signal.encode())
+        if self.open_thresholds:  # likewise
+            h.update(json.dumps(self.open_thresholds, sort_keys=True).encode())
         for key in sorted(self.heads):
             head = self.heads[key]
             h.update(json.dumps([head.options, head.lm_weight, head.threshold]).encode())
@@ -161,6 +180,7 @@ class DecisionHeads:
             "open_threshold": self.open_threshold,
             "open_recall_threshold": self.open_recall_threshold,
             "open_recall_signal": self.open_recall_signal,
+            "open_thresholds": self.open_thresholds,
         }
         (folder / HEADS_FILE).write_text(json.dumps(body, indent=2) + "\n")
 
@@ -195,6 +215,8 @@ class DecisionHeads:
             open_recall_threshold=None if recall_threshold is None else float(recall_threshold),
             # Checkpoints saved before there was a choice fitted the pooled passage head's logit.
             open_recall_signal=body.get("open_recall_signal", "passage"),
+            # Checkpoints saved before thresholds per mode had one for every HMT mode.
+            open_thresholds={m: float(t) for m, t in body.get("open_thresholds", {}).items()},
         )
 
 

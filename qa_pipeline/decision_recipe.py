@@ -360,21 +360,21 @@ def run(
 
     ``negatives`` questions per set are also asked of another document (for the closed thresholds);
     ``open_questions`` COVID-QA questions of the ``open_half`` articles are answered in ``open_mode``
-    of their own and of another article (for the open threshold; 0 skips it and keeps the
-    checkpoint's). Recall is more sure of itself on the articles it was trained on, so a threshold
+    of their own and of another article (for that mode's open threshold; 0 skips it and keeps the
+    checkpoint's; thresholds of other modes are kept, with their reports). Recall is more sure of itself on the articles it was trained on, so a threshold
     for new documents is fitted on the "evaluation" half; its report then carries a cross-fitted
     estimate (:func:`cross_fitted_threshold`), as those questions also measure it. ``closed=False``
     keeps the checkpoint's closed heads and their report, and fits the open threshold only (after a
     change that touches open answers alone, such as a passage head).
     """
+    report_path = checkpoint / "decision_training.json"
+    kept_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     if not closed:
         if not open_questions:
             raise ValueError("nothing to fit: closed heads kept and no open questions")
         heads = DecisionHeads.load(checkpoint)
-        report_path = checkpoint / "decision_training.json"
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         return _fit_open(
-            engine, root, checkpoint, work, store, heads, report, open_questions, open_mode, open_half,
+            engine, root, checkpoint, work, store, heads, kept_report, open_questions, open_mode, open_half,
             progress, open_max_abstain,
         )
     engine.decision_heads = DecisionHeads()  # the model's own scores, not those of older heads
@@ -397,6 +397,9 @@ def run(
     heads, report = fit_heads(features, options, negative_features)
     kept = DecisionHeads.load(checkpoint)
     heads.open_threshold, heads.open_recall_threshold = kept.open_threshold, kept.open_recall_threshold
+    heads.open_thresholds = dict(kept.open_thresholds)
+    # The kept thresholds' reports go with them.
+    report.update({k: v for k, v in kept_report.items() if k in ("open", "open_recall", "open_by_mode")})
     heads.open_recall_signal = kept.open_recall_signal  # the head that threshold was fitted on
     return _fit_open(
         engine, root, checkpoint, work, store, heads, report, open_questions, open_mode, open_half,
@@ -452,10 +455,17 @@ def _fit_open(
 
         tag = f"{open_half}-{open_questions}-{stamp}"
         cached = _cached(feature_dir / f"open-{open_mode.replace('+', '_')}-{tag}.npz", answers)
-        # An answer "counts as right" for the report when its token F1 reaches 0.3.
-        heads.open_threshold, report["open"] = fit_threshold(
+        # An answer "counts as right" for the report when its token F1 reaches 0.3. The threshold is
+        # this mode's own; other modes keep theirs, and their reports stay in "open_by_mode".
+        threshold, open_report = fit_threshold(
             cached["pos"], cached["pos_f1"] >= 0.3, cached["neg"], max_abstain=max_abstain
         )
+        heads.open_thresholds[open_mode] = threshold
+        by_mode = report.setdefault("open_by_mode", {})
+        earlier = report.get("open")
+        if earlier and earlier.get("mode") not in (None, open_mode):
+            by_mode.setdefault(earlier["mode"], earlier)  # fitted before thresholds per mode
+        report["open"] = by_mode[open_mode] = open_report
         articles = [r.document_id() for r in pos]
         report["open"].update(
             {
@@ -464,7 +474,7 @@ def _fit_open(
                 "half": open_half,
                 "mean_token_f1": float(cached["pos_f1"].mean()),
                 "mean_token_f1_kept": float(
-                    np.where(cached["pos"] < heads.open_threshold, 0.0, cached["pos_f1"]).mean()
+                    np.where(cached["pos"] < threshold, 0.0, cached["pos_f1"]).mean()
                 ),
                 "cross_fitted": cross_fitted_threshold(
                     cached["pos"], cached["pos_f1"], cached["neg"], articles, max_abstain=max_abstain
@@ -490,7 +500,7 @@ def _fit_open(
                 scores["pos"], cached["pos_f1"] >= 0.3, scores["neg"], never=-np.inf, max_abstain=max_abstain
             )
             heads.open_recall_threshold = float(t) if np.isfinite(t) else None
-            either = (cached["pos"] < heads.open_threshold) | (scores["pos"] < t)
+            either = (cached["pos"] < threshold) | (scores["pos"] < t)
             report["open_recall"].update(
                 {
                     "signal": f"the {SIGNAL_NAMES[signal]}'s best logit for the question (Answer.recall_score)",

@@ -685,7 +685,7 @@ class Engine:
             if options and response.threshold and confidence is not None and confidence < response.threshold:
                 why = below("confidence", confidence, response.threshold)
             elif not options:
-                why = self.decision_heads.open_abstains(confidence, recall_score)
+                why = self.decision_heads.open_abstains(confidence, recall_score, mode)
         abstained = why is not None
         sentence = None if options else response.answer
         phrase = response.answer if options else answer_phrase(response.answer, question)

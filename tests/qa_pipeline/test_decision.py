@@ -240,6 +240,10 @@ def test_open_answers_abstain_below_the_open_threshold_in_hmt_modes_only(tmp_pat
     assert ans.abstained and ans.answer == NOT_IN_DOCUMENT and 0 < ans.confidence <= 1
     ans = engine.ask(store, "d", "What did aspirin do?", mode="dense-rag", record=False)
     assert not ans.abstained and ans.answer != NOT_IN_DOCUMENT
+    # A mode with a threshold of its own (0: its answers never abstain by confidence) uses that one.
+    engine.decision_heads.open_thresholds = {"hmt": 0.0}
+    assert not engine.ask(store, "d", "What did aspirin do?", mode="hmt", record=False).abstained
+    assert engine.ask(store, "d", "What did aspirin do?", mode="hmt+retrieval", record=False).abstained
     off = Engine(
         EngineConfig(backbone="tiny-random", checkpoint=str(ckpt), max_new_tokens=4, decision_heads=False)
     )
@@ -298,6 +302,26 @@ def test_the_reason_never_reads_a_number_below_itself():
     assert heads.open_abstains(0.9, 15.0) is None
 
 
+def test_each_mode_abstains_by_its_own_confidence_threshold(tmp_path):
+    """A mode fitted on its own answers uses its threshold; the others, the shared one. Thresholds
+    per mode are saved, change the answer stamp, and a checkpoint saved before them has none."""
+    heads = DecisionHeads(open_threshold=0.34, open_thresholds={"hmt": 0.2})
+    assert heads.open_abstains(0.25, None, "hmt") is None
+    assert heads.open_abstains(0.15, None, "hmt") == "confidence 0.15 is below 0.20"
+    assert heads.open_abstains(0.25, None, "hmt+retrieval") == "confidence 0.25 is below 0.34"
+    assert heads.open_abstains(0.25, None) == "confidence 0.25 is below 0.34"
+    assert DecisionHeads(open_thresholds={"hmt": 0.2}) and not DecisionHeads(open_thresholds={"hmt": 0.0})
+    heads.save(tmp_path)
+    loaded = DecisionHeads.load(tmp_path)
+    assert loaded.open_thresholds == {"hmt": 0.2} and loaded.digest() == heads.digest()
+    assert loaded.digest() != DecisionHeads(open_threshold=0.34).digest()
+    body = json.loads((tmp_path / "decision_heads.json").read_text())
+    del body["open_thresholds"]
+    (tmp_path / "decision_heads.json").write_text(json.dumps(body))
+    older = DecisionHeads.load(tmp_path)
+    assert older.open_thresholds == {} and older.digest() == DecisionHeads(open_threshold=0.34).digest()
+
+
 def test_a_score_threshold_that_does_not_separate_means_never_not_zero():
     """Recall scores are logits of any sign: a threshold that does not pay for itself is -inf (None
     in the report), since 0 would turn away every answer scored below 0."""
@@ -353,7 +377,10 @@ def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
     saved = DecisionHeads.load(ckpt)
     assert (ckpt / "decision_heads.safetensors").read_bytes() == before
     assert [h.threshold for h in saved.heads.values()] == [0.4]
-    assert saved.open_threshold == report["open"]["threshold"] < 1.01
+    # The threshold is the answering mode's own; the shared one stays for modes without their own.
+    assert saved.open_thresholds == {"hmt+retrieval": report["open"]["threshold"]}
+    assert report["open"]["threshold"] < 1.01 == saved.open_threshold
+    assert report["open"]["mode"] == "hmt+retrieval" and report["open_by_mode"] == {"hmt+retrieval": report["open"]}
     # The recall-score threshold is fitted from the same questions (recall only) and saved with it.
     recall = report["open_recall"]
     assert recall["n_positive"] == recall["n_negative"] == 12 and "cross_fitted" in recall
@@ -364,6 +391,16 @@ def test_open_threshold_alone_keeps_the_closed_heads(tmp_path, monkeypatch):
     assert report["open"]["max_abstain"] == recall["max_abstain"] == 0.25
     assert recall["positives_abstained"] <= 0.25 and report["open"]["positives_abstained"] <= 0.25
     assert json.loads((ckpt / "decision_training.json").read_text())["open"] == report["open"]
+    # A second mode is fitted on its own answers; the first keeps its threshold and its report.
+    first = report["open"]
+    report = decision_recipe.run(
+        engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=12, open_mode="hmt", closed=False,
+        open_max_abstain=0.25,
+    )
+    saved = DecisionHeads.load(ckpt)
+    assert report["open"]["mode"] == "hmt" and report["open_by_mode"] == {"hmt+retrieval": first, "hmt": report["open"]}
+    assert saved.open_thresholds == {"hmt+retrieval": first["threshold"], "hmt": report["open"]["threshold"]}
+    assert len(list((tmp_path / "work" / "features").glob("open-hmt-*.npz"))) == 1  # its own answers
     with pytest.raises(ValueError, match="nothing to fit"):
         decision_recipe.run(engine, tmp_path, ckpt, tmp_path / "work", store, open_questions=0, closed=False)
 
