@@ -188,8 +188,10 @@ def _open_summary(r: dict, signal: str = "confidence", reference: dict | None = 
     confidence's report, which holds the questions and their token F1)."""
     ref = reference or r
     t = r["threshold"]
+    mode = f" in mode {ref['mode']}" if "mode" in ref else ""
     line = (
-        f"\nopen answers, {signal}: threshold {'none (never abstain)' if t is None else f'{t:.3f}'} "
+        f"\nopen answers{mode}, {signal}: threshold "
+        f"{'none (never abstain)' if t is None or not r.get('useful', True) else f'{t:.3f}'} "
         f"({r['n_positive']} questions of the {ref.get('half', 'training')}-half COVID-QA articles, "
         f"{r['positives_abstained']:.0%} of them turned away; {r['negatives_abstained']:.0%} of those asked "
         "of another article)"

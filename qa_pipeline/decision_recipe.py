@@ -505,6 +505,8 @@ def _fit_open(
                 {
                     "signal": f"the {SIGNAL_NAMES[signal]}'s best logit for the question (Answer.recall_score)",
                     "recall_signal": signal,
+                    # Its threshold is the same in every mode (recall only); what it keeps is this mode's answers.
+                    "mode": open_mode,
                     # Token F1 of the positives with every answer either threshold turns away scored
                     # 0, as `hmtqa eval qa` scores them.
                     "mean_token_f1_kept": float(np.where(either, 0.0, cached["pos_f1"]).mean()),

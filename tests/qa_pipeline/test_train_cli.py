@@ -186,3 +186,20 @@ def test_train_recall_token_head_reads_fits_and_keeps_the_base(tmp_path, capsys,
 def test_train_recall_refuses_unknown_sources(tmp_path, capsys):
     assert main(["train-recall", "--sources", "covidqa,wikipedia", "--out", str(tmp_path / "r")]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_train_decision_summary_names_the_mode_and_a_threshold_it_dropped():
+    """A confidence that does not tell own from other article gets no threshold: the summary says
+    "none (never abstain)", not "threshold 0.000", and names the mode whose answers it was fitted on."""
+    from hmtqa.main import _open_summary
+
+    report = {
+        "threshold": 0.0, "useful": False, "candidate_threshold": 0.31, "max_abstain": 0.05,
+        "positives_abstained": 0.0, "negatives_abstained": 0.0, "negatives_below_candidate": 0.07,
+        "auroc": 0.54, "n_positive": 150, "mode": "hmt", "half": "evaluation", "mean_token_f1": 0.24,
+    }
+    line = _open_summary(report)
+    assert "open answers in mode hmt, confidence: threshold none (never abstain) (150 questions" in line
+    assert "0.000" not in line and "AUROC, own vs other article: 0.54" in line
+    kept = _open_summary({**report, "threshold": 0.339, "useful": True, "positives_abstained": 0.05})
+    assert "confidence: threshold 0.339 (" in kept and "5% of them turned away" in kept
