@@ -361,11 +361,12 @@ def run(
     ``negatives`` questions per set are also asked of another document (for the closed thresholds);
     ``open_questions`` COVID-QA questions of the ``open_half`` articles are answered in ``open_mode``
     of their own and of another article (for that mode's open threshold; 0 skips it and keeps the
-    checkpoint's; thresholds of other modes are kept, with their reports). Recall is more sure of itself on the articles it was trained on, so a threshold
-    for new documents is fitted on the "evaluation" half; its report then carries a cross-fitted
-    estimate (:func:`cross_fitted_threshold`), as those questions also measure it. ``closed=False``
-    keeps the checkpoint's closed heads and their report, and fits the open threshold only (after a
-    change that touches open answers alone, such as a passage head).
+    checkpoint's; thresholds of other modes are kept, with their reports). Recall is more sure of
+    itself on the articles it was trained on, so a threshold for new documents is fitted on the
+    "evaluation" half; its report then carries a cross-fitted estimate
+    (:func:`cross_fitted_threshold`), as those questions also measure it. ``closed=False`` keeps the
+    checkpoint's closed heads and their report, and fits the open threshold only (after a change that
+    touches open answers alone, such as a passage head).
     """
     report_path = checkpoint / "decision_training.json"
     kept_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
