@@ -103,7 +103,7 @@ class DecisionHeads:
 
     def open_threshold_for(self, mode: str | None) -> float:
         """The confidence threshold of open answers in ``mode``: its own, else the shared one."""
-        return self.open_thresholds.get(mode, self.open_threshold) if mode else self.open_threshold
+        return self.open_thresholds.get(mode, self.open_threshold)
 
     def open_abstains(
         self, confidence: float | None, recall_score: float | None, mode: str | None = None

@@ -273,13 +273,19 @@ def majority_line(golds: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]
     }
 
 
+def labels_without_rows(golds: Sequence[Any], shares: Mapping[str, float]) -> list[str]:
+    """The labels with a share in ``shares`` that no row has as its gold label."""
+    counts = Counter(normalize_label(x) for x in golds)
+    return [lab for lab, share in shares.items() if share > 0 and not counts.get(lab)]
+
+
 def prior_weights(golds: Sequence[Any], shares: Mapping[str, float]) -> np.ndarray | None:
     """Per-row weights that give the rows the class balance ``shares``: a row of gold label c weighs
     share(c) / (the rows' share of c). None when some label with a share has no row (no weighting
-    can stand in for it)."""
-    counts = Counter(normalize_label(x) for x in golds)
-    if not golds or any(share > 0 and not counts.get(lab) for lab, share in shares.items()):
+    can stand in for it: :func:`labels_without_rows`)."""
+    if not golds or labels_without_rows(golds, shares):
         return None
+    counts = Counter(normalize_label(x) for x in golds)
     n = len(golds)
     return np.array([shares.get(lab, 0.0) * n / counts[lab] for lab in map(normalize_label, golds)])
 
@@ -442,7 +448,10 @@ def evaluate_set(
         result["chance"] = chance_line(golds, [row.options or labels for row in rows], seed=seed)
         weights = prior_weights(golds, prior["shares"]) if prior else None
         if prior:
-            result["prior"] = dict(prior) | {"applied": weights is not None}
+            result["prior"] = dict(prior) | {
+                "applied": weights is not None,
+                "missing": labels_without_rows(golds, prior["shares"]),
+            }
         if weights is not None:
             label = max(prior["shares"], key=lambda lab: prior["shares"][lab])
             always, g, k = _encode([label] * n, golds, labels)
@@ -792,8 +801,7 @@ def _prior_table(result: Mapping[str, Any]) -> str:
     for name, s in result["sets"].items():
         prior = s.get("prior")
         if prior and not prior.get("applied"):
-            missing = [lab for lab, share in prior["shares"].items() if share > 0 and not s["gold_counts"].get(lab)]
-            skipped.append(f"{name} (no row answered {', '.join(missing)})")
+            skipped.append(f"{name} (no row answered {', '.join(prior.get('missing', []))})")
         if not prior or not prior.get("applied"):
             continue
         shares = ", ".join(f"{lab} {100 * v:.0f}%" for lab, v in prior["shares"].items())

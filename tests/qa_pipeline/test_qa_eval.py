@@ -209,6 +209,7 @@ def test_accuracy_at_the_training_balance_equals_the_rows_repeated_to_that_balan
     # A balance the rows cannot stand for (no row of one label) is reported as not applied.
     res = evaluate_set(_closed_rows(["yes", "no"]), {}, ["hmt"], resamples=10, prior=prior)
     assert res["prior"]["applied"] is False and "at_prior" not in res["modes"]["hmt"]
+    assert res["prior"]["missing"] == ["maybe"]
     table = format_markdown({"sets": {"pubmedqa": res}, "bootstrap": {}})
     assert "At the class balance" not in table
     assert "Not at the class balance of the training questions: pubmedqa (no row answered maybe)." in table
