@@ -26,6 +26,9 @@ class AppSettings:
     checkpoint: str | None = "default"  # HMT checkpoint folder; "default" = the committed one; None = untrained
     dtype: str = "auto"
     device: str | None = None
+    # Writes open answers from the recalled passages (EngineConfig.reader); "default": the default
+    # backbone's reader; None: the memory model answers.
+    reader: str | None = "default"
     store: str = "stores/shared"  # the shared memory store every user sees; "" disables it
     max_upload_mb: float = 20.0  # per file and per pasted text
     session_root: str | None = None  # parent folder of the per-session private stores; None = a temp folder
@@ -70,7 +73,9 @@ class AppSettings:
         """The pipeline configuration these settings select."""
         from qa_pipeline.engine import EngineConfig
 
-        return EngineConfig(backbone=self.backbone, checkpoint=self.checkpoint, dtype=self.dtype, device=self.device)
+        return EngineConfig(
+            backbone=self.backbone, checkpoint=self.checkpoint, dtype=self.dtype, device=self.device, reader=self.reader
+        )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +91,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default=d.dtype, help=f"auto (bfloat16 where the CPU or GPU computes it natively, else float32), bfloat16 or float32 (default: {d.dtype})")
     parser.add_argument("--device", default=d.device, help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument(
+        "--reader",
+        default=d.reader,
+        help="chat model that writes open answers from the recalled passages: an embedded name "
+        "(qwen2.5-coder-0.5b-instruct), hub id or folder; 'default': that one with the default backbone; "
+        "'none': the memory model answers (default: default)",
+    )
     parser.add_argument(
         "--store", default=d.store, help=f"shared memory store folder, visible to all users; '' = none (default: {d.store})"
     )
@@ -131,8 +143,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(ns: argparse.Namespace) -> AppSettings:
     """Build settings from parsed flags; attributes the namespace lacks keep their defaults."""
     values = {f.name: getattr(ns, f.name) for f in fields(AppSettings) if hasattr(ns, f.name)}
-    if isinstance(values.get("checkpoint"), str) and values["checkpoint"].lower() == "none":
-        values["checkpoint"] = None
+    for name in ("checkpoint", "reader"):
+        if isinstance(values.get(name), str) and values[name].lower() == "none":
+            values[name] = None
     if values.get("max_upload_mb") is not None and values["max_upload_mb"] <= 0:
         raise ValueError("--max-upload-mb must be positive")
     for name in ("concurrency", "max_files_per_request", "max_document_tokens", "shared_max_documents"):

@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from hmt import resolve_dtype
-from qa_pipeline.engine import ANSWER_MODES, DEFAULT_MODE, Answer, Engine
+from qa_pipeline.engine import ANSWER_MODES, DEFAULT_MODE, Answer, Engine, reader_name
 
 from . import plots, views
 from .batch_io import read_batch_upload, sample_rows
@@ -205,7 +205,9 @@ class QAApp:
         except ValueError:  # a bad --dtype: the loader's error says so
             dtype = s.dtype
         dtype = f"`{dtype}` (auto)" if s.dtype == "auto" else f"`{dtype}`"
-        line = f"Model `{s.backbone}` · {checkpoint} · {dtype} — {note}"
+        reader = reader_name(s.engine_config())
+        reads = f" · reader `{reader}` (writes open answers from the recalled passages)" if reader else ""
+        line = f"Model `{s.backbone}` · {checkpoint}{reads} · {dtype} — {note}"
         if s.store:
             line += f" · shared store `{s.store}`" + ("" if s.allow_shared_writes else " (read-only)")
         if self.service.shared_error:

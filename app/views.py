@@ -162,7 +162,8 @@ def answer_markdown(answer: Answer) -> str:
     parts = (confidence_markdown(answer), sentence_markdown(answer), support_markdown(answer))
     lines = [line for line in parts if line]
     lines.append(
-        f"**mode** `{answer.mode}` · recall {t.get('recall_s', 0):.2f} s · first token "
+        f"**mode** `{answer.mode}`" + (f" · **reader** `{answer.reader}`" if answer.reader else "")
+        + f" · recall {t.get('recall_s', 0):.2f} s · first token "
         f"{t.get('first_token_s', 0):.2f} s · total {t.get('total_s', 0):.2f} s"
     )
     if answer.option_scores:

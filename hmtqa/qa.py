@@ -39,6 +39,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "(--no-quote-answers: from the sentence the model wrote)",
     )
     group.add_argument(
+        "--reader", default=defaults.reader,
+        help="open questions in modes hmt+retrieval, dense-rag and none: this chat model writes the answer "
+        "from the passages the memory recalled: an embedded name (qwen2.5-coder-0.5b-instruct), hub id or "
+        "folder; 'default': qwen2.5-coder-0.5b-instruct with the default backbone; 'none': the memory "
+        "model answers. Recall, evidence and closed answers stay the memory model's",
+    )
+    group.add_argument(
         "--decision-heads", action=argparse.BooleanOptionalAction, default=defaults.decision_heads,
         help="closed questions in modes hmt/hmt+retrieval: decide with the checkpoint's decision head "
         "(--no-decision-heads: plain likelihood) and say 'not in the document' below its threshold",
@@ -56,7 +63,7 @@ def _engine(ns: argparse.Namespace):
                 full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
                 calibrate_options=ns.calibrate_options, no_repeat_ngram=ns.no_repeat_ngram,
                 decision_heads=ns.decision_heads, passage_tokens=ns.passage_tokens,
-                quote_answers=ns.quote_answers,
+                quote_answers=ns.quote_answers, reader=ns.reader,
             )
         )
     except (ValueError, OSError, RuntimeError) as err:  # bad --dtype/--device, checkpoint of another width
@@ -146,7 +153,8 @@ def cmd_ask(ns: argparse.Namespace) -> int:
 
     def text() -> str:
         source = ", quoted from the document" if ans.quoted and not ans.abstained else ""
-        lines = [f"Answer ({ans.mode}{source}): {ans.answer}"]
+        reader = f", reader: {ans.reader}" if ans.reader else ""
+        lines = [f"Answer ({ans.mode}{reader}{source}): {ans.answer}"]
         if ans.fuller_sentence:
             lines.append(f'The model wrote: "{" ".join(ans.fuller_sentence.split())}"')
         if ans.confidence is not None:

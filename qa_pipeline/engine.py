@@ -30,17 +30,24 @@ from .decision import DecisionHeads, below
 from .documents import Document
 from .metrics import merge_spans
 from .prompts import option_text, prompt_frame, question_text
+from .reader import Reader
 from .store import DocumentExists, DocumentInfo, MemoryStore, SegmentInfo, StoreMismatch
 from .support import Support, open_confidence, supporting_sentence
 
 logger = logging.getLogger(__name__)
 
 ANSWER_MODES = ("hmt", "hmt+retrieval", "dense-rag", "none")
+# The modes whose prompt holds the document's text: a reader (EngineConfig.reader) answers their open
+# questions. Mode hmt answers from the memory tokens alone, which only the memory model can read.
+READER_MODES = ("hmt+retrieval", "dense-rag", "none")
 # The mode the UI and the CLI answer in unless told otherwise: the best HMT mode on the dev sets
 # (`hmtqa eval qa`; README "Question answering"): hmt+retrieval has the best PubMedQA macro-F1 and COVID-QA token F1.
 DEFAULT_MODE = "hmt+retrieval"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-hmt"
+# The reader that writes open answers for the default memory model (EngineConfig.reader "default"):
+# chosen by COVID-QA dev token F1 within the answer-latency budget (README, "Results").
+DEFAULT_READER = "qwen2.5-coder-0.5b-instruct"
 
 _DOC_CACHE = 16  # documents' arrays kept in memory (memories and passages count apart)
 ProgressFn = Callable[[int, int, float], None]  # (segments done, segments total, tokens/s)
@@ -101,6 +108,23 @@ class EngineConfig:
     # ("Gulf of Mexico" for an article on Pescador Island); the sentence it points to is right more
     # often than its wording (README, "Question answering"). The model's sentence is still shown.
     quote_answers: bool = True
+    # Open questions in the modes with text in the prompt (READER_MODES): this chat model (an embedded
+    # name, hub id or folder) writes the answer from the passages the memory recalled (or dense-rag's
+    # chunks, or mode none's window). None: the memory model answers. "default": DEFAULT_READER with the
+    # default backbone, else none. The reader never changes recall, the evidence shown or closed
+    # answers: those stay the memory model's.
+    reader: str | None = "default"
+
+
+def reader_name(config: EngineConfig) -> str | None:
+    """The reader ``config`` selects: "default" is DEFAULT_READER for the default backbone; reading with
+    the memory model itself (or "none") is no reader."""
+    name = config.reader
+    if name == "default":
+        name = DEFAULT_READER if config.backbone == DEFAULT_BACKBONE else None
+    if not name or name.lower() in ("none", config.backbone.lower()):
+        return None
+    return name
 
 
 @dataclass
@@ -146,6 +170,8 @@ class Answer:
     # How many of ``evidence`` (best first) went into the prompt as text: 0 in mode hmt, the document
     # window in mode none.
     prompt_passages: int = 0
+    # The model that wrote an open answer when it is not the memory model (EngineConfig.reader).
+    reader: str | None = None
     # Open questions in the HMT modes: how well the document's best passage matches the question, by
     # one of the model's passage heads (its logit, before the softmax over the document's passages):
     # the one the checkpoint's threshold was fitted on (``DecisionHeads.open_recall_signal``; the
@@ -223,6 +249,8 @@ class Engine:
                 segment_length=cfg.full_context_tokens, sensory_length=0, mode="none", backbone=cfg.backbone
             ),
         ).eval()
+        name = reader_name(cfg)
+        self.reader = Reader(name, dtype=cfg.dtype, device=cfg.device) if name else None
         self._dense = None
         self._dense_indexes: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._doc_arrays: OrderedDict[tuple[str, str], dict] = OrderedDict()
@@ -624,7 +652,7 @@ class Engine:
         start = time.perf_counter()
         text = store.get_text(doc_id)
         version = (info.version,)
-        recall, query, state, evidence, in_prompt = [], None, None, [], 0
+        recall, query, state, evidence, in_prompt, context = [], None, None, [], 0, None
         model, prompt_ids, recall_score = self.model, question_ids, None
         recall_ids = self._recall_ids(question)
         if mode in ("hmt", "hmt+retrieval"):
@@ -663,29 +691,44 @@ class Engine:
                 )
             window_end = self._prefix_chars(text, budget)
             evidence, in_prompt = [Evidence(-1, 0, window_end, 1.0, text[:300])], 1
-            prompt_ids = self._encode_prompt(question, options, text[:window_end])
+            context = text[:window_end]
+            prompt_ids = self._encode_prompt(question, options, context)
         recall_s = time.perf_counter() - start
-        response = self._respond(
-            model,
-            prompt_ids,
-            question_ids,
-            state,
-            options,
-            max_new_tokens,
-            on_token,
-            start,
-            recall_ids if model is self.model else None,
-        )
+        reader = self.reader if self.reader is not None and not options and mode in READER_MODES else None
+        if reader is not None:
+            read = reader.answer(
+                question,
+                context,
+                max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+                no_repeat_ngram=self.config.no_repeat_ngram,
+                start=start,
+                on_token=on_token,
+            )
+            response = _Response(read.answer, None, read.first_token_s, answer_logprob=read.answer_logprob)
+        else:
+            response = self._respond(
+                model,
+                prompt_ids,
+                question_ids,
+                state,
+                options,
+                max_new_tokens,
+                on_token,
+                start,
+                recall_ids if model is self.model else None,
+            )
         confidence = response.confidence
         if confidence is None:
             confidence = open_confidence(response.answer_logprob, recall)
-        # Thresholds were fitted on the HMT answering pass; the plain-backbone modes never abstain.
+        # Thresholds were fitted on the HMT answering pass; the plain-backbone modes never abstain. A
+        # reader's answers keep the recall-score threshold (the memory's), not the confidence one, which
+        # was fitted on the memory model's own answers.
         why = None
         if model is self.model:
             if options and response.threshold and confidence is not None and confidence < response.threshold:
                 why = below("confidence", confidence, response.threshold)
             elif not options:
-                why = self.decision_heads.open_abstains(confidence, recall_score, mode)
+                why = self.decision_heads.open_abstains(None if reader else confidence, recall_score, mode)
         abstained = why is not None
         sentence = None if options else response.answer
         phrase = response.answer if options else answer_phrase(response.answer, question)
@@ -710,6 +753,7 @@ class Engine:
             sentence=sentence,
             quoted=bool(quote),
             prompt_passages=in_prompt,
+            reader=reader.name if reader is not None else None,
             recall_score=recall_score,
             answer_logprob=response.answer_logprob,
             query=query,

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+OPEN_INSTRUCTION = "Answer briefly from the document."
 
-def question_text(question: str, options: list[str] | None = None, context: str | None = None) -> str:
-    """The user's turn: optional context passages, the question, the allowed answers if closed."""
+
+def question_text(
+    question: str,
+    options: list[str] | None = None,
+    context: str | None = None,
+    instruction: str = OPEN_INSTRUCTION,
+) -> str:
+    """The user's turn: optional context passages, the question, the allowed answers if closed
+    (else ``instruction``: the memory model was trained on the default one)."""
     question = question.strip()
     head = f"Context:\n{context.strip()}\n\nQuestion: " if context else ""
     if options:
         return f"{head}{question}\nAnswer with one of: {', '.join(options)}."
-    return f"{head}{question}\nAnswer briefly from the document."
+    return f"{head}{question}\n{instruction}"
 
 
 def question_prompt(

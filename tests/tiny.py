@@ -46,3 +46,16 @@ def tiny_backbone(family: str = "llama", seed: int = 0):
     model.config._attn_implementation = "sdpa"
     model.config.hmt_backbone_name = f"tiny-{family}"
     return model.eval()
+
+
+
+def tolerance(dtype: torch.dtype, rel: float = 1e-5, abs: float = 1e-6) -> dict[str, float]:
+    """``pytest.approx`` tolerances for a value a model computed in ``dtype``, against a float64 reference.
+
+    ``rel`` and ``abs`` are the float32 ones. A dtype of fewer mantissa bits (bfloat16: 8, eps 2**-7)
+    allows 4 of its ulps relative, and widens ``abs`` in the same proportion.
+    """
+    if dtype == torch.float32:
+        return {"rel": rel, "abs": abs}
+    wider = max(rel, 4 * torch.finfo(dtype).eps)
+    return {"rel": wider, "abs": abs * wider / rel}

@@ -101,11 +101,25 @@ def test_resolve_dtype():
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, flags, expected):
     from hmt import backbone
 
+    monkeypatch.delenv(backbone.AUTO_DTYPE_ENV, raising=False)  # the CPU decides, not HMTQA_TEST_DTYPE
     monkeypatch.setattr(backbone, "_cpu_flags", lambda: frozenset(flags))
     assert resolve_dtype("auto") is expected and resolve_dtype("AUTO", "cpu") is expected
     assert backbone.native_bfloat16("meta") is False  # devices other than CPU and CUDA: float32
     assert resolve_dtype("auto", "meta") is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16  # an explicit dtype is kept as asked
+
+
+@pytest.mark.parametrize("forced, expected", [("float32", torch.float32), ("BF16", torch.bfloat16)])
+def test_auto_dtype_can_be_forced(monkeypatch, forced, expected):
+    """$HMTQA_AUTO_DTYPE overrides the CPU's choice for "auto" only; an explicit dtype is kept."""
+    from hmt import backbone
+
+    monkeypatch.setattr(backbone, "_cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    monkeypatch.setenv(backbone.AUTO_DTYPE_ENV, forced)
+    assert resolve_dtype("auto") is expected and resolve_dtype("float16") is torch.float16
+    monkeypatch.setenv(backbone.AUTO_DTYPE_ENV, "float16")
+    with pytest.raises(ValueError, match="HMTQA_AUTO_DTYPE"):
+        resolve_dtype("auto")
 
 
 def test_cpu_flags_are_read_from_cpuinfo_lines(monkeypatch, tmp_path):

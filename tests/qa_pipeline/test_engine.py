@@ -17,6 +17,7 @@ from qa_pipeline.documents import Document, load_text
 from qa_pipeline.engine import ANSWER_MODES, Answer, Engine, EngineConfig, Evidence, QAError
 from qa_pipeline.prompts import option_text, question_prompt
 from qa_pipeline.store import DocumentExists, MemoryStore, StoreMismatch, UnknownDocument
+from tests.tiny import tolerance
 
 OPTIONS = ["yes", "no", "maybe"]
 HMT_MODES = ("hmt", "hmt+retrieval")
@@ -226,7 +227,8 @@ def _check_passages(engine: Engine, store: MemoryStore, ans: Answer, text: str) 
         arrays["passage_key"].reshape(tokens.size, -1).astype(np.float64) @ query.float().numpy().astype(np.float64)
     )
     logits[tokens == 0] = -np.inf  # a short last segment's empty rows
-    assert ans.recall_score == pytest.approx(logits.max(), rel=1e-5)  # always the pooled head's best
+    close = tolerance(engine.model.dtype)
+    assert ans.recall_score == pytest.approx(logits.max(), **close)  # always the pooled head's best
     if engine.model.token_recall is not None:
         logits = token_logits_by_hand(engine, store, ans.doc_id, ans.question)
     weights = np.exp(logits - logits.max())
@@ -245,7 +247,7 @@ def _check_passages(engine: Engine, store: MemoryStore, ans: Answer, text: str) 
     ]
     for i, e in zip(order, ans.evidence, strict=False):
         assert e.segment == i // per_segment
-        assert e.weight == pytest.approx(weights[i], abs=1e-6)
+        assert e.weight == pytest.approx(weights[i], **close)
 
 
 def _check_evidence(engine: Engine, store: MemoryStore, ans: Answer, text: str) -> None:
@@ -258,8 +260,9 @@ def _check_evidence(engine: Engine, store: MemoryStore, ans: Answer, text: str) 
         _check_passages(engine, store, ans, text)
     if ans.mode in HMT_MODES:
         expect = recall_by_hand(engine, store, ans.doc_id, ans.question)
+        close = tolerance(engine.model.dtype)
         assert [s for s, _ in ans.recall] == sorted(expect)
-        assert [w for _, w in ans.recall] == pytest.approx([expect[s] for s in sorted(expect)], abs=1e-6)
+        assert [w for _, w in ans.recall] == pytest.approx([expect[s] for s in sorted(expect)], **close)
         assert ans.query == pytest.approx(engine.query_vector(ans.question).tolist())
         if any(e.passage for e in ans.evidence):
             return
@@ -269,7 +272,7 @@ def _check_evidence(engine: Engine, store: MemoryStore, ans: Answer, text: str) 
         spans = segment_spans(engine, text)
         for e in ans.evidence:
             assert (e.char_start, e.char_end) == spans[e.segment]
-            assert e.weight == pytest.approx(expect[e.segment], abs=1e-6)
+            assert e.weight == pytest.approx(expect[e.segment], **close)
         assert ans.query == pytest.approx(engine.query_vector(ans.question).tolist())
     elif ans.mode == "dense-rag":
         assert ans.recall == [] and len({e.segment for e in ans.evidence}) == len(ans.evidence)
@@ -485,10 +488,11 @@ def test_a_token_head_ranks_the_passages(engine, doc, ingested, tmp_path, monkey
         store.arrays("trial", ["passage_chars"])["passage_chars"].reshape(-1, 2)[int(np.argmax(by_hand))]
     )
     assert headed.recall_signal == "tokens" and engine.recall_signal == "passage"
-    assert headed.recall_score(store, "trial", question, "tokens") == pytest.approx(float(by_hand.max()), rel=1e-5)
+    close = tolerance(headed.model.dtype)
+    assert headed.recall_score(store, "trial", question, "tokens") == pytest.approx(float(by_hand.max()), **close)
     headed.decision_heads.open_recall_signal = "tokens"
     by_tokens = headed.ask(store, "trial", question, mode="hmt+retrieval", max_new_tokens=2)
-    assert by_tokens.recall_score == pytest.approx(float(by_hand.max()), rel=1e-5)
+    assert by_tokens.recall_score == pytest.approx(float(by_hand.max()), **close)
     assert by_tokens.answer == ans.answer and by_tokens.evidence == ans.evidence  # only the score changed
     # Without the token head's logits there is no score on its scale: none, not the pooled one.
     arrays = headed._passage_arrays(store, "trial", (store.get_document("trial").version,))
