@@ -81,36 +81,51 @@ def cmd_qa(ns: argparse.Namespace) -> int:
             bar = bars[name] = tqdm(total=total, desc=name, unit="answer", file=sys.stderr)
         bar.update(done - bar.n)
 
+    readers = [r.strip() for r in (ns.readers or ns.reader or "default").split(",") if r.strip()]
+    results: dict[str, dict] = {}
     try:
         root = data_dir(ns.data_dir)
         rows = {s: load_eval_set(s, root, limit=ns.limit, fuse=ns.fuse, seed=ns.seed) for s in sets}
         priors = {s: training_prior(s, root) for s in sets}
-        try:
-            result = run_qa_eval(
-                rows,
-                out,
-                modes,
-                engine_factory=lambda: _engine(ns),
-                store_dir=ns.store or out / "store",
-                resamples=ns.bootstrap,
-                progress=None if ns.json else progress,
-                priors=priors,
-                meta={
-                    "fuse": ns.fuse,
-                    "seed": ns.seed,
-                    "limit": ns.limit,
-                    "checkpoint": ns.checkpoint,
-                    "backbone": ns.backbone,
-                    "dtype": ns.dtype,
-                    "out": str(out),
-                },
-            )
-        finally:
-            for bar in bars.values():
-                bar.close()
+        for reader in readers:
+            # Several readers answer side by side, each in its own folder; the memory (one store) is shared.
+            where = out if len(readers) == 1 else out / f"reader-{reader.replace('/', '_')}"
+            each = argparse.Namespace(**{**vars(ns), "reader": reader})
+            try:
+                results[reader] = run_qa_eval(
+                    rows,
+                    where,
+                    modes,
+                    engine_factory=lambda each=each: _engine(each),
+                    store_dir=ns.store or out / "store",
+                    resamples=ns.bootstrap,
+                    progress=None if ns.json else progress,
+                    priors=priors,
+                    meta={
+                        "fuse": ns.fuse,
+                        "seed": ns.seed,
+                        "limit": ns.limit,
+                        "checkpoint": ns.checkpoint,
+                        "backbone": ns.backbone,
+                        "reader": reader,
+                        "dtype": ns.dtype,
+                        "out": str(where),
+                    },
+                )
+            finally:
+                for bar in bars.values():
+                    bar.close()
+                bars.clear()
     except (*_store_errors(), ValueError) as err:
         raise CLIError(str(err)) from err
-    emit(result, ns.json, lambda: format_markdown(result))
+    if len(readers) == 1:
+        emit(results[readers[0]], ns.json, lambda: format_markdown(results[readers[0]]))
+    else:
+        emit(
+            {"readers": results},
+            ns.json,
+            lambda: "\n\n".join(f"### reader: {r}\n\n{format_markdown(res)}" for r, res in results.items()),
+        )
     return 0
 
 
@@ -242,6 +257,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--out", required=True, help="output folder: one resumable JSONL per set and the summary")
     q.add_argument("--store", help="memory store folder (default: OUT/store)")
+    q.add_argument(
+        "--readers",
+        help="comma-separated readers answered side by side over one store, each in OUT/reader-NAME "
+        "(e.g. none,default: the memory model and the default reader); default: --reader alone",
+    )
     q.add_argument("--json", action="store_true", help="print the whole result as JSON")
     _engine_args(q)
     q.set_defaults(func=cmd_qa)
