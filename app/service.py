@@ -109,12 +109,18 @@ class UserSession:
         logger.info("session folder %s removed", self.folder)
 
 
+def _loaded(engine: Engine) -> Engine:
+    """The engine with its reader loaded too: the page says "ready" once a first answer needs no load."""
+    _ = engine.reader
+    return engine
+
+
 class QAService:
     """The web app's operations over one shared :class:`Engine` and the stores."""
 
     def __init__(self, settings: AppSettings, engine_factory: Callable[[], Engine] | None = None) -> None:
         self.settings = settings
-        factory = engine_factory or (lambda: Engine(settings.engine_config()))
+        factory = engine_factory or (lambda: _loaded(Engine(settings.engine_config())))
         self.loader = EngineLoader(factory, description=f"{settings.backbone}")
         self._shared: MemoryStore | None = None
         self._shared_readonly: MemoryStore | None = None

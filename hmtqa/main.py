@@ -120,7 +120,9 @@ def cmd_train_decision(ns: argparse.Namespace) -> int:
     checkpoint = DEFAULT_CHECKPOINT if ns.checkpoint == "default" else Path(ns.checkpoint)
     try:
         root = data_dir(ns.data_dir)
-        engine = _engine(ns)
+        # The heads and thresholds are fitted on the memory model's own answering pass and answers
+        # (a reader's answers keep only the recall-score threshold): no reader here.
+        engine = _engine(argparse.Namespace(**{**vars(ns), "reader": "none"}))
         work = Path(ns.work)
         store = engine.open_store(work / "store")
     except (FileNotFoundError, ValueError) as err:

@@ -52,12 +52,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _engine(ns: argparse.Namespace):
+def _engine(ns: argparse.Namespace, *, answers: bool = True):
+    """The engine the flags select; ``answers``: also load its reader now, so a bad --reader fails
+    before any work (ingestion never needs it)."""
     from qa_pipeline.engine import Engine
 
     checkpoint = None if str(ns.checkpoint).lower() == "none" else ns.checkpoint
     try:
-        return Engine(
+        engine = Engine(
             EngineConfig(
                 backbone=ns.backbone, checkpoint=checkpoint, dtype=ns.dtype, device=ns.device,
                 full_context_tokens=ns.full_context_tokens, max_new_tokens=ns.max_new_tokens,
@@ -66,6 +68,9 @@ def _engine(ns: argparse.Namespace):
                 quote_answers=ns.quote_answers, reader=ns.reader,
             )
         )
+        if answers:
+            _ = engine.reader
+        return engine
     except (ValueError, OSError, RuntimeError) as err:  # bad --dtype/--device, checkpoint of another width
         raise CLIError(f"cannot load the model: {err}") from err
 
@@ -102,7 +107,7 @@ def cmd_ingest(ns: argparse.Namespace) -> int:
                     )
                 origin[d.doc_id] = path
                 docs.append(d)
-        engine = _engine(ns)
+        engine = _engine(ns, answers=False)
         store = engine.open_store(ns.store)
         taken = [d.doc_id for d in docs if d.doc_id in store]
         if taken and not ns.replace:

@@ -249,14 +249,26 @@ class Engine:
                 segment_length=cfg.full_context_tokens, sensory_length=0, mode="none", backbone=cfg.backbone
             ),
         ).eval()
-        name = reader_name(cfg)
-        self.reader = Reader(name, dtype=cfg.dtype, device=cfg.device) if name else None
+        self._reader: Reader | None = None  # loaded on first use: ingestion never needs it
+        self._reader_lock = threading.Lock()
         self._dense = None
         self._dense_indexes: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._doc_arrays: OrderedDict[tuple[str, str], dict] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
         self._frame: tuple[str, str] | None = None  # the prompt around the user's turn
+
+    @property
+    def reader(self) -> Reader | None:
+        """The model that writes open answers in READER_MODES (EngineConfig.reader), loaded on first use;
+        None when the memory model answers."""
+        name = reader_name(self.config)
+        if name is None:
+            return None
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = Reader(name, dtype=self.config.dtype, device=self.config.device)
+        return self._reader
 
     # ------------------------------------------------------------------ model
     def _load_model(self) -> tuple[HMTModel, object, str]:
@@ -694,7 +706,7 @@ class Engine:
             context = text[:window_end]
             prompt_ids = self._encode_prompt(question, options, context)
         recall_s = time.perf_counter() - start
-        reader = self.reader if self.reader is not None and not options and mode in READER_MODES else None
+        reader = self.reader if not options and mode in READER_MODES else None
         if reader is not None:
             read = reader.answer(
                 question,

@@ -324,3 +324,23 @@ def test_show_answer_marks_the_supporting_sentence(service):
     assert [p for p, label in pieces if label == views.SUPPORT_LABEL] == [answer.support.text]
     assert f"**confidence:** {answer.confidence:.2f}" in md or "does not seem to say" in md
     assert "**supporting sentence:**" in md
+
+
+def test_the_first_line_names_the_reader_that_writes_open_answers(tmp_path):
+    """The status line says which model writes open answers: the reader, when one is set."""
+    from app.ui import build_app
+
+    def never():  # the line is read before any model loads
+        raise AssertionError("the status line must not load the model")
+
+    base = dict(backbone="tiny-random", checkpoint=None, store="", session_root=str(tmp_path / "s"))
+    with_reader = build_app(AppSettings(**base, reader="some/reader-folder"), never)
+    without = build_app(AppSettings(**base, reader=None), never)
+    default = build_app(AppSettings(**{**base, "backbone": "smollm2-135m-instruct"}), never)
+    try:
+        assert "reader `some/reader-folder`" in with_reader.model_status().splitlines()[0]
+        assert "reader" not in without.model_status()
+        assert "reader `qwen2.5-coder-0.5b-instruct`" in default.model_status()
+    finally:
+        for qa in (with_reader, without, default):
+            qa.service.close()

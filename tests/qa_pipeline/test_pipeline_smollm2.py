@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from qa_pipeline.documents import load_text
-from qa_pipeline.engine import Engine, EngineConfig
+from qa_pipeline.engine import Engine, EngineConfig, reader_name
 
 pytestmark = [
     pytest.mark.slow,
@@ -47,6 +47,7 @@ def test_ingest_and_answer_a_3k_token_document(engine, tmp_path):
     streamed = []
     open_ = engine.ask(store, "amlodipine", "Which drug did the patients receive?", on_token=streamed.append)
     assert open_.answer.strip() and streamed
+    assert open_.reader == reader_name(engine.config)  # the default reader writes open answers
 
     # Open questions in hmt+retrieval read passages ranked by the checkpoint's passage head.
     retrieval = engine.ask(store, "amlodipine", "How much did systolic blood pressure fall?", mode="hmt+retrieval")

@@ -132,6 +132,11 @@ def test_reader_answers_keep_the_recall_threshold_not_the_confidence_one(engines
     assert ans.abstained and "recall score" in ans.abstain_reason
 
 
-def test_a_missing_reader_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="Could not load backbone"):
-        Engine(EngineConfig(**SETTINGS, reader="/nonexistent/reader-folder"))
+def test_the_reader_loads_on_first_use_and_a_missing_one_is_a_clear_error(engines, store):
+    """Ingestion never loads the reader; the first open answer does, and a bad one says what it is."""
+    plain, _ = engines
+    engine = Engine(EngineConfig(**SETTINGS, reader="/nonexistent/reader-folder"))
+    assert engine._reader is None
+    engine.ask(store, "trial", "Did it work?", options=["yes", "no"], record=False)  # closed: no reader
+    with pytest.raises(FileNotFoundError, match="Could not load backbone '/nonexistent/reader-folder'"):
+        engine.ask(store, "trial", QUESTION, mode="dense-rag", record=False)
