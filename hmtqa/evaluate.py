@@ -153,7 +153,7 @@ def cmd_recall(ns: argparse.Namespace) -> int:
     tmp = None
     try:
         root = data_dir(ns.data_dir)
-        engine = _engine(ns)
+        engine = _engine(ns, answers=False)
         if ns.store:
             store_dir = ns.store
         else:
@@ -271,7 +271,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="memory recall vs dense and BM25 on HMT segments: hit@1, hit@5, MRR, with chance",
         description="Rank each document's HMT segments for each question by the model's recall, by "
         "MiniLM cosine and by BM25; a segment is gold when it overlaps gold evidence. COVID-QA and "
-        "Evidence Inference: eval half of the articles only (stable hash of the article id).",
+        "Evidence Inference: eval half of the articles only (stable hash of the article id). Recall is the "
+        "memory model's alone: no reader (--reader) changes it, and none is loaded.",
     )
     q.add_argument("--data-dir", help="shared data folder (default: $HMTQA_DATA_DIR or ../shared/data)")
     q.add_argument(

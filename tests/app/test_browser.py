@@ -1,10 +1,12 @@
 """The page in headless chromium (Debian's package, not `playwright install`): the whole flow.
 
-Saves docs/screenshots/{ask,batch,memory}.png for the README.
+Saves its screenshots (ask, batch, memory) in $HMTQA_TEST_SCREENSHOTS, else pytest's temporary folder:
+the README's own come from the default model on a real article (docs/make_screenshots.py).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,8 +22,13 @@ pytestmark = [
     ),
 ]
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("HMTQA_TEST_SCREENSHOTS")
+    return Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +41,25 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, server):
+def page(browser, server, shots):
     context = browser.new_context(viewport={"width": 1320, "height": 1000}, device_scale_factor=1)
     pg = context.new_page()
     pg.set_default_timeout(TIMEOUT_MS)
     pg.goto(server.url)
     pg.get_by_text("ready", exact=False).first.wait_for()
+    pg.shots = shots
     yield pg
     context.close()
 
 
 def screenshot(page, name: str) -> None:
-    """Save docs/screenshots/NAME.png once every progress indicator is gone (Gradio 6 fades the
+    """Save NAME.png in the screenshots folder once every progress indicator is gone (Gradio 6 fades the
     outputs of an event in, so a shot taken the moment the text appears can catch them half-drawn)."""
     page.wait_for_function(
         "[...document.querySelectorAll('[data-testid=status-tracker]')].every(e => e.classList.contains('hide'))"
     )
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    page.shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(page.shots / f"{name}.png"), full_page=True)
 
 
 def toast(page, pattern: str):
