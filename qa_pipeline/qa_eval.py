@@ -525,6 +525,19 @@ def evaluate_set(
                     float(em.mean()) if n else None, bootstrap_ci(em, resamples=resamples, seed=seed)
                 ),
             }
+            # Quoted answers: what the model's own words would have scored (--no-quote-answers gives
+            # exactly these answers; abstentions stay wrong).
+            recs = [records.get((row.row_id, mode)) or {} for row in rows]
+            if any(rec.get("quoted") for rec in recs):
+                own = np.array(
+                    [
+                        0.0 if st != "ok" else token_f1(answer_phrase(rec.get("sentence") or "", row.question), _golds(row))
+                        for st, row, rec in zip(status, rows, recs, strict=True)
+                    ]
+                )
+                m["metrics"]["token_f1_own_words"] = _metric(
+                    float(own.mean()), bootstrap_ci(own, resamples=resamples, seed=seed)
+                )
             # Without the "not in the document" threshold: an abstained answer scored by the short
             # answer of the sentence the model wrote (the best guess the CLI and UI show).
             per_row[mode] = _f1_no_threshold(f1, status, rows, records, mode) if n_abs else f1
@@ -751,6 +764,8 @@ def format_markdown(result: Mapping[str, Any]) -> str:
             else:
                 r = m.get("repeats_8gram")
                 answers = f"8-gram repeats {'–' if r is None else f'{100 * r:.0f}%'}"
+                if m["metrics"].get("token_f1_own_words"):
+                    answers += f"; token F1 of the model's own words (not quoted) {_cell(m['metrics']['token_f1_own_words'])}"
                 if m["metrics"].get("token_f1_no_threshold"):
                     answers += f"; token F1 without the threshold {_cell(m['metrics']['token_f1_no_threshold'])}"
                 if m.get("vs_dense_rag"):

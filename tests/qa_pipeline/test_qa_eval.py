@@ -12,7 +12,7 @@ import pytest
 
 from hmtqa.main import main
 from qa_pipeline.engine import ANSWER_MODES
-from qa_pipeline.metrics import macro_f1
+from qa_pipeline.metrics import macro_f1, token_f1
 from qa_pipeline.qa_data import QARow
 from qa_pipeline.qa_eval import (
     NOT_IN_DOCUMENT,
@@ -464,3 +464,27 @@ def test_open_answers_without_the_threshold_and_paired_against_dense_rag():
     assert "token F1 without the threshold 1.000" in table and "paired vs dense-rag (no threshold) 0.600" in table
     # Without dense-rag among the modes there is nothing to pair with.
     assert "vs_dense_rag" not in evaluate_set(rows, recs, ["hmt+retrieval"], resamples=0)["modes"]["hmt+retrieval"]
+
+
+def test_quoted_answers_are_also_scored_by_the_models_own_words():
+    """A quoted answer set also reports the token F1 of what the model wrote (its short answer): what
+    --no-quote-answers gives; abstentions stay wrong; unquoted sets report nothing extra."""
+    rows = [
+        QARow(row_id="a", question="Which dose was used?", document="t", doc_id="d", answer="10 mg"),
+        QARow(row_id="b", question="Where?", document="t", doc_id="d", answer="Pescador Island"),
+        QARow(row_id="c", question="When?", document="t", doc_id="d", answer="in 2012"),
+    ]
+    recs = {
+        ("a", "dense-rag"): {"prediction": "patients received 10 mg of the drug daily", "quoted": True,
+                             "sentence": "10 mg"},
+        ("b", "dense-rag"): {"prediction": "Pescador Island", "quoted": True, "sentence": "the Gulf of Mexico"},
+        ("c", "dense-rag"): {"prediction": "The document does not seem to say.", "abstained": True,
+                             "quoted": True, "sentence": "in 2012"},
+    }
+    m = evaluate_set(rows, recs, ["dense-rag"], resamples=20)["modes"]["dense-rag"]
+    quoted_f1 = (token_f1("patients received 10 mg of the drug daily", "10 mg") + 1.0 + 0.0) / 3
+    assert m["metrics"]["token_f1"]["value"] == pytest.approx(quoted_f1)
+    assert m["metrics"]["token_f1_own_words"]["value"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+    for rec in recs.values():
+        rec["quoted"] = False
+    assert "token_f1_own_words" not in evaluate_set(rows, recs, ["dense-rag"], resamples=20)["modes"]["dense-rag"]["metrics"]
