@@ -337,3 +337,23 @@ def test_python_m_cli_reports_errors_without_traceback(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("hmtqa", run_name="__main__")
     assert exit_.value.code == 2 and "no memory store at" in capsys.readouterr().err
+
+
+def test_ask_with_a_reader_names_it_and_a_bad_one_fails_before_any_work(store, capsys, tmp_path):
+    """--reader: the answer says who wrote it (text and JSON); a reader that cannot load is a clear error."""
+    from hmt.backbone import tiny_random_backbone
+
+    model, tokenizer = tiny_random_backbone(seed=1)
+    folder = tmp_path / "reader"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rc, out, err = run(capsys, "ask", "Why?", "--store", str(store), "--doc", "trial", "--mode", "dense-rag",
+                       "--json", *MODEL, "--reader", str(folder))
+    assert rc == 0, err
+    assert json.loads(out)["reader"] == str(folder)
+    rc, out, err = run(capsys, "ask", "Why?", "--store", str(store), "--doc", "trial", "--mode", "dense-rag",
+                       *MODEL, "--reader", str(folder))
+    assert rc == 0 and f"reader: {folder}" in out.splitlines()[0]
+    rc, out, err = run(capsys, "ask", "Why?", "--store", str(store), "--doc", "trial", *MODEL,
+                       "--reader", str(tmp_path / "missing"))
+    assert rc == 2 and "cannot load the model" in err and "missing" in err
