@@ -36,8 +36,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--quote-answers", action=argparse.BooleanOptionalAction, default=defaults.quote_answers,
         help="open questions: the short answer is quoted from the supporting sentence of the document "
-        "(--no-quote-answers: the model's own words). Default: the memory model's answers are quoted, a "
-        "reader's are not",
+        "(--no-quote-answers: the model's own words)",
     )
     group.add_argument(
         "--reader", default=defaults.reader,

@@ -88,18 +88,17 @@ def test_the_reader_answers_from_the_memory_models_passages(engines, store, mode
     assert ans.sentence == _reference(read.reader, QUESTION, context)[0]
 
 
-def test_reader_answers_are_its_own_words_unless_quoting_is_asked(engines, store, monkeypatch):
-    """By default a reader's short phrase is the answer (the memory model's answers are quoted);
-    quote_answers=True quotes it too, from the same supporting sentence."""
+def test_reader_answers_are_quoted_like_the_memory_models(engines, store, monkeypatch):
+    """A reader's answer is quoted from the supporting sentence chosen by what it wrote; with
+    quote_answers off it is its own short phrase, with the same sentence and support."""
     from qa_pipeline.answer_text import answer_phrase, quoted_answer
 
-    plain, read = engines
-    assert plain.ask(store, "trial", QUESTION, mode="dense-rag", record=False).quoted
+    _, read = engines
+    quoted = read.ask(store, "trial", QUESTION, mode="dense-rag", record=False)
+    assert quoted.reader and quoted.quoted and quoted.answer == quoted_answer(quoted.support.text, QUESTION)
+    monkeypatch.setattr(read.config, "quote_answers", False)
     own = read.ask(store, "trial", QUESTION, mode="dense-rag", record=False)
     assert not own.quoted and own.answer == answer_phrase(own.sentence, QUESTION)
-    monkeypatch.setattr(read.config, "quote_answers", True)
-    quoted = read.ask(store, "trial", QUESTION, mode="dense-rag", record=False)
-    assert quoted.quoted and quoted.answer == quoted_answer(quoted.support.text, QUESTION)
     assert (quoted.sentence, quoted.support) == (own.sentence, own.support)
 
 
