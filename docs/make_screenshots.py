@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repo's packages first
 OUT = ROOT / "docs" / "screenshots"
 ARTICLE = "pmc-oa/plos/journal.pmed.0030445.xml"
 QUESTION = "Which pioneer of social medicine is repeatedly acknowledged in the collection?"
