@@ -29,7 +29,7 @@ from .answer_text import answer_phrase, quoted_answer, short_answer
 from .decision import DecisionHeads, below
 from .documents import Document
 from .metrics import merge_spans
-from .prompts import option_text, prompt_frame, question_text
+from .prompts import option_text, prompt_frame, question_text, tokenize
 from .reader import Reader
 from .store import DocumentExists, DocumentInfo, MemoryStore, SegmentInfo, StoreMismatch
 from .support import Support, open_confidence, supporting_sentence
@@ -467,16 +467,9 @@ class Engine:
     # so a concurrent call fails with "Already borrowed" or, worse, runs with the other call's
     # setting. Every use of the tokenizer goes through the two methods below, under one lock.
     def _tokenize(self, text: str, *, document: bool = False, offsets: bool = False):
-        """``tokenizer(text)`` without special tokens; ``document``: strings such as ``<|im_end|>``
-        are text, not control tokens (parsing them would let a document end the chat turn)."""
-        kwargs = {"add_special_tokens": False, "return_offsets_mapping": offsets}
+        """:func:`prompts.tokenize` under the engine's tokenizer lock (one tokenizer, many threads)."""
         with self._tokenizer_lock:
-            if document:
-                try:
-                    return self.tokenizer(text, split_special_tokens=True, **kwargs)
-                except TypeError:  # a tokenizer without split_special_tokens
-                    pass
-            return self.tokenizer(text, **kwargs)
+            return tokenize(self.tokenizer, text, document=document, offsets=offsets)
 
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:

@@ -54,6 +54,18 @@ def prompt_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     return before, after
 
 
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, *, document: bool = False, offsets: bool = False):
+    """``tokenizer(text)`` without special tokens; ``document``: strings such as ``<|im_end|>`` are text,
+    not control tokens (parsing them would let a document end the chat turn)."""
+    kwargs = {"add_special_tokens": False, "return_offsets_mapping": offsets}
+    if document:
+        try:
+            return tokenizer(text, split_special_tokens=True, **kwargs)
+        except TypeError:  # a tokenizer without split_special_tokens
+            pass
+    return tokenizer(text, **kwargs)
+
+
 def option_text(option: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """How an option is written right after the prompt (a leading space for plain LMs)."""
     return option if getattr(tokenizer, "chat_template", None) else " " + option

@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from hmt import load_backbone
 
 from .answer_text import short_answer
-from .prompts import prompt_frame, question_text
+from .prompts import prompt_frame, question_text, tokenize
 
 # A reader was never trained on our prompt; asked to answer "briefly" a 0.5B chat model writes a
 # sentence that restates the question, which costs tokens (latency) and token F1.
@@ -82,26 +82,20 @@ class Reader:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
-        self._lock = threading.Lock()  # one generation at a time: the model's cache is not shared-safe
+        self._lock = threading.Lock()  # one answer at a time: generation and the tokenizer are not shared-safe
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _tokenize(self, text: str, *, document: bool = False) -> list[int]:
-        # A document's "<|im_end|>" is text, not the end of the user's turn.
-        kwargs = {"add_special_tokens": False}
-        if document:
-            try:
-                return self.tokenizer(text, split_special_tokens=True, **kwargs).input_ids
-            except TypeError:  # a tokenizer without split_special_tokens
-                pass
-        return self.tokenizer(text, **kwargs).input_ids
-
     def prompt_ids(self, question: str, context: str | None) -> torch.Tensor:
         """The chat prompt: the frame's control tokens parsed, the user's turn tokenized as text."""
         before, after = self._frame
-        ids = self._tokenize(before) + self._tokenize(question_text(question, None, context, self.instruction), document=True)
-        ids += self._tokenize(after)
+        user = question_text(question, None, context, self.instruction)
+        ids = [
+            *tokenize(self.tokenizer, before).input_ids,
+            *tokenize(self.tokenizer, user, document=True).input_ids,  # a document's "<|im_end|>" is text
+            *tokenize(self.tokenizer, after).input_ids,
+        ]
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)
 
     def answer(
@@ -116,9 +110,11 @@ class Reader:
     ) -> ReaderOutput:
         """Greedy answer to ``question`` from ``context``, cut at the end of its first sentence."""
         start = time.perf_counter() if start is None else start
-        ids = self.prompt_ids(question, context)
-        stop = _ShortAnswerEnded(self, ids.shape[1], start, on_token)
+        # Under the lock, tokenizing too: a fast tokenizer switching split_special_tokens is not
+        # thread-safe (the web app answers two requests at once).
         with self._lock, torch.inference_mode():
+            ids = self.prompt_ids(question, context)
+            stop = _ShortAnswerEnded(self, ids.shape[1], start, on_token)
             out = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
